@@ -1,0 +1,48 @@
+"""Exponential moving averages of weights: EMA teachers, momentum encoders, evaluation EMA.
+
+Decays are pure functions of ``global_step`` so that a resumed run continues exactly.
+
+- [0] Mean Teacher, Tarvainen & Valpola, 2017, https://arxiv.org/abs/1703.01780
+- [1] BYOL (cosine momentum schedule), Grill et al., 2020, https://arxiv.org/abs/2006.07733
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+
+def warmup_ema_decay(step: int, decay: float) -> float:
+    """Mean Teacher's ``min(1 - 1 / (step + 1), decay)``: early on, the average follows the
+    student closely instead of averaging in the random initialisation."""
+    return min(1.0 - 1.0 / (step + 1), decay)
+
+
+def cosine_momentum(step: int, total_steps: int, base_momentum: float, final_momentum: float = 1.0) -> float:
+    """BYOL/MoCo-v3 schedule: ``final - (final - base) * (cos(pi * step / total) + 1) / 2``."""
+    progress = min(1.0, step / max(1, total_steps))
+    return final_momentum - (final_momentum - base_momentum) * (math.cos(math.pi * progress) + 1) / 2
+
+
+def copy_frozen(module: nn.Module) -> nn.Module:
+    """A deep copy with ``requires_grad=False`` everywhere: a teacher or momentum encoder."""
+    teacher = copy.deepcopy(module)
+    teacher.requires_grad_(False)
+    return teacher
+
+
+@torch.no_grad()
+def ema_update(target: nn.Module, online: nn.Module, decay: float) -> None:
+    """``target = decay * target + (1 - decay) * online`` for parameters; buffers
+    (BatchNorm running statistics) are copied, as in Mean Teacher and BYOL."""
+    target_params = list(target.parameters())
+    online_params = list(online.parameters())
+    if len(target_params) != len(online_params):
+        raise ValueError("target and online modules must have the same parameters")
+    if target_params:
+        torch._foreach_lerp_(target_params, online_params, 1.0 - decay)
+    for target_buffer, online_buffer in zip(target.buffers(), online.buffers()):
+        target_buffer.copy_(online_buffer)
