@@ -294,10 +294,11 @@ class SemiSupervisedDataModule(L.LightningDataModule):
 
     def _save_split(self) -> None:
         trainer = getattr(self, "trainer", None)
-        if trainer is None or trainer.global_rank != 0:
+        if trainer is None:
             return
+        # trainer.log_dir is a collective (broadcast) under DDP: every rank must ask for it
         log_dir = trainer.log_dir or trainer.default_root_dir
-        if log_dir is None:
+        if log_dir is None or trainer.global_rank != 0:
             return
         os.makedirs(log_dir, exist_ok=True)
         Path(log_dir, "split.json").write_text(json.dumps(self.split_summary()))

@@ -158,11 +158,12 @@ class SSLModuleBase(L.LightningModule):
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def on_train_epoch_start(self) -> None:
-        # Augmentation draws from the global RNG; reseeding from (seed, epoch, rank) makes a run
-        # resumed at an epoch boundary draw exactly what the uninterrupted run drew.
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Augmentation and dropout draw from the global RNG; reseeding from (seed, step, rank)
+        # makes a resumed run draw exactly what the uninterrupted run drew, whatever the RNG
+        # state the resumed process started with or consumed while setting up its loaders.
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        torch.manual_seed((seed * 1_000_003 + self.current_epoch * 7_919 + self.global_rank) % (2**63))
+        torch.manual_seed((seed * 1_000_003 + self.global_step * 7_919 + self.global_rank) % (2**63))
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._trainer is not None and self.trainer.optimizers:

@@ -1,0 +1,240 @@
+"""``ssl-modules bench``: run methods on one data configuration, side by side, and tabulate.
+
+    ssl-modules bench METHOD_CONFIG... --data DATA_CONFIG [--set KEY=VALUE ...]
+                      [--seeds 0 1 2] [--max-steps N] [--out results.json]
+                      [--downstream CONFIG ...] [--trainer TRAINER_CONFIG]
+
+Writes one JSON record per (method, seed) with ``method``, ``seed``, ``labels``, ``test_acc``,
+``fit_seconds``, ``train_samples_per_s``, ``peak_memory_mb`` (contract, DESIGN.md) plus the
+split (``labels_per_class``, ``label_fraction``, ``split_seed``, ``labeled_indices``) and the
+settings, and prints a markdown table of medians over seeds.
+
+Each (method, seed) runs in a fresh Python process, so ``peak_memory_mb`` (peak RSS, or the
+CUDA peak on a GPU) is that run's own and no state leaks between methods. The seed sets both
+``seed_everything`` and the labeled split (``data.split_seed``), as is usual in the field;
+``--set data.split_seed=K`` pins the split instead.
+
+With ``--downstream``, every method config is a pretraining stage: its final checkpoint is
+handed to each downstream config (``model.pretrained=<ckpt>``, e.g. ``linear_probe.yaml`` or
+``fine_tune.yaml``), and the downstream's ``test_acc`` is reported as ``method+downstream``.
+
+``test_acc`` is the final model's (or the EMA/teacher model's, where the method evaluates
+with it) — never a checkpoint selected on the test set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+BENCH_TRAINER_DEFAULTS: dict[str, Any] = {
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+    "accelerator": "auto",
+    "devices": 1,
+    "limit_val_batches": 0,
+    "num_sanity_val_steps": 0,
+}
+
+
+def _cli_args(
+    configs: list[str], seed: int, max_steps: int | None, overrides: list[str], extra: list[str] | None = None
+) -> list[str]:
+    args: list[str] = []
+    for config in configs:
+        args += ["--config", config]
+    args += ["--seed_everything", str(seed), "--data.split_seed", str(seed)]
+    if max_steps is not None:
+        args += ["--trainer.max_steps", str(max_steps)]
+    args += list(extra or [])
+    for item in overrides:
+        if "=" not in item:
+            raise SystemExit(f"--set takes KEY=VALUE (e.g. data.labels_per_class=10); got {item!r}")
+        key, value = item.split("=", 1)
+        args.append(f"--{key}={value}")
+    return args
+
+
+def run_one(spec: dict[str, Any]) -> dict[str, Any]:
+    """Fit and test one configuration in this process; returns the record (worker side)."""
+    import resource
+
+    import torch
+
+    from ssl_modules.cli import build_cli
+
+    cli = build_cli(args=spec["cli_args"], run=False, trainer_defaults=dict(BENCH_TRAINER_DEFAULTS))
+    model, datamodule, trainer = cli.model, cli.datamodule, cli.trainer
+    counter = {"images": 0}
+    backbone = getattr(model, "backbone", None)
+    if backbone is not None:
+
+        def count_images(module: Any, inputs: tuple, output: Any) -> None:
+            if trainer.training:
+                counter["images"] += int(inputs[0].shape[0])
+
+        backbone.register_forward_hook(count_images)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=datamodule)
+    fit_seconds = time.perf_counter() - start
+    if spec.get("save_checkpoint"):
+        # the pretraining stage of a two-stage protocol hands its final weights on
+        trainer.save_checkpoint(spec["save_checkpoint"])
+    results = trainer.test(model, datamodule=datamodule, verbose=False)[0]
+    if torch.cuda.is_available():
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {
+        "test_acc": float(results["test/acc"]),
+        "fit_seconds": fit_seconds,
+        "train_samples_per_s": counter["images"] / fit_seconds if fit_seconds > 0 else 0.0,
+        "peak_memory_mb": peak_mb,
+        "steps": int(trainer.global_step),
+        "class_path": f"{type(model).__module__}.{type(model).__name__}",
+        "labels": int(len(datamodule.labeled_indices)),
+        "labels_per_class": datamodule.labels_per_class,
+        "label_fraction": datamodule.label_fraction,
+        "split_seed": datamodule.split_seed,
+        "labeled_indices": datamodule.labeled_indices.tolist(),
+        "other_metrics": {k: float(v) for k, v in results.items() if k != "test/acc"},
+    }
+
+
+def _run_in_subprocess(spec: dict[str, Any], log_path: Path) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path, out_path = Path(tmp, "spec.json"), Path(tmp, "out.json")
+        spec_path.write_text(json.dumps(spec))
+        with open(log_path, "w") as log:
+            code = subprocess.call(
+                [sys.executable, "-m", "ssl_modules.evaluation.bench", "--worker", str(spec_path), str(out_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        if code != 0 or not out_path.exists():
+            tail = "".join(open(log_path).readlines()[-15:])
+            return {"error": f"exit code {code}; last lines of {log_path}:\n{tail}"}
+        return json.loads(out_path.read_text())
+
+
+def _fmt_seconds(seconds: float) -> str:
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+def markdown_table(records: list[dict[str, Any]]) -> str:
+    """Medians over seeds per method; speed as a ratio to the first method, measured in this run."""
+    methods: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        if "error" not in record:
+            methods.setdefault(record["method"], []).append(record)
+    lines = [
+        "| method | labels | seeds | test_acc (median) | min – max | fit s (median) | samples/s (median) "
+        "| speed vs first | peak MB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    reference = None
+    for name, runs in methods.items():
+        accs = [r["test_acc"] for r in runs]
+        speed = statistics.median(r["train_samples_per_s"] for r in runs)
+        reference = reference or speed or None
+        ratio = f"{speed / reference:.2f}x" if reference else "n/a"
+        lines.append(
+            f"| {name} | {runs[0]['labels']} | {len(runs)} | {statistics.median(accs):.4f} | "
+            f"{min(accs):.4f} – {max(accs):.4f} | {statistics.median(r['fit_seconds'] for r in runs):.1f} | "
+            f"{speed:.0f} | {ratio} | {statistics.median(r['peak_memory_mb'] for r in runs):.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="ssl-modules bench",
+        description="Run methods on one data configuration and tabulate test/acc (medians over seeds).",
+    )
+    parser.add_argument("method_configs", nargs="+", help="method YAML files (configs/<method>.yaml)")
+    parser.add_argument("--data", required=True, help="data YAML file (configs/data/<name>.yaml)")
+    parser.add_argument("--trainer", default=None, help="optional trainer YAML; default: 1 device, no logger")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="CLI override, repeatable")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--max-steps", type=int, default=None, help="same step budget for every method")
+    parser.add_argument("--out", default=None, help="write the JSON records here")
+    parser.add_argument(
+        "--downstream", nargs="+", default=None, help="configs run on each method's checkpoint (model.pretrained)"
+    )
+    args = parser.parse_args(argv)
+    for path in [*args.method_configs, args.data, *(args.downstream or []), *([args.trainer] if args.trainer else [])]:
+        if not Path(path).is_file():
+            raise SystemExit(f"config file {path!r} does not exist")
+
+    base_configs = [args.data] + ([args.trainer] if args.trainer else [])
+    jobs = [(method, seed) for method in args.method_configs for seed in args.seeds]
+    runs_per_job = 1 + len(args.downstream or [])
+    records: list[dict[str, Any]] = []
+    work_dir = Path(tempfile.mkdtemp(prefix="ssl-bench-"))
+    start = time.perf_counter()
+    done = 0
+    total = len(jobs) * runs_per_job
+    for method_config, seed in jobs:
+        name = Path(method_config).stem
+        stages: list[tuple[str, list[str], list[str], str | None]] = []
+        checkpoint = str(work_dir / f"{name}-seed{seed}.ckpt") if args.downstream else None
+        stages.append((name, [*base_configs, method_config], [], checkpoint))
+        for downstream in args.downstream or []:
+            stages.append(
+                (f"{name}+{Path(downstream).stem}", [*base_configs, downstream], [f"--model.pretrained={checkpoint}"], None)
+            )
+        for stage_name, configs, extra, save_checkpoint in stages:
+            elapsed = time.perf_counter() - start
+            eta = f", about {_fmt_seconds(elapsed / done * (total - done))} left" if done else ""
+            print(f"[{done + 1}/{total}] {stage_name} seed {seed} ({_fmt_seconds(elapsed)} elapsed{eta})", flush=True)
+            spec = {
+                "cli_args": _cli_args(configs, seed, args.max_steps, args.set, extra),
+                "save_checkpoint": save_checkpoint,
+            }
+            result = _run_in_subprocess(spec, work_dir / f"{stage_name}-seed{seed}.log")
+            record = {"method": stage_name, "seed": seed, "config": configs[-1], "data": args.data}
+            record.update({"max_steps": args.max_steps, "overrides": args.set})
+            record.update(result)
+            records.append(record)
+            done += 1
+            if "error" in record:
+                print(f"  FAILED: {record['error']}", flush=True)
+            else:
+                print(
+                    f"  test_acc={record['test_acc']:.4f} fit={record['fit_seconds']:.1f}s "
+                    f"samples/s={record['train_samples_per_s']:.0f}",
+                    flush=True,
+                )
+    if args.out:
+        Path(args.out).write_text(json.dumps(records, indent=1))
+    print()
+    print(markdown_table(records))
+    failed = [r for r in records if "error" in r]
+    if failed:
+        raise SystemExit(f"{len(failed)} run(s) failed: " + ", ".join(f"{r['method']}/seed{r['seed']}" for r in failed))
+
+
+def _worker(spec_path: str, out_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    os.environ.setdefault("WANDB_MODE", "offline")
+    record = run_one(spec)
+    Path(out_path).write_text(json.dumps(record))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
+        _worker(sys.argv[2], sys.argv[3])
+    else:
+        main()

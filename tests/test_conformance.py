@@ -1,0 +1,236 @@
+"""Conformance suite: every public module in ``ssl_modules.__all__`` is tested the same way.
+
+- one training step gives every trainable parameter a gradient, and teachers none;
+- every trainable parameter is in the optimizer;
+- a tiny fit on generated data runs in seconds with finite losses and reports ``test/acc``;
+- ``Module.load_from_checkpoint(path)`` with no other argument restores the same outputs;
+- a run stopped and resumed from its checkpoint ends with the same parameters as an
+  uninterrupted one;
+- the true labels of the unlabeled batch (``y_hidden``) never reach a loss;
+- a 2-process ``ddp_spawn`` fit and a ``bf16-mixed`` fit on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import pytest
+import torch
+
+import ssl_modules
+from datamodules import SyntheticDataModule
+
+# Per-module keyword arguments that shrink a paper default to the tiny generated data
+# (e.g. a MoCo queue cannot be longer than the data). Keep entries minimal.
+CONFORMANCE_KWARGS: dict[str, dict] = {
+    # the paper's 8192-8192-8192 projector is 134M parameters: too slow for a CPU smoke test
+    "BarlowTwinsModule": {"projection_hidden_dim": 64, "projection_dim": 64},
+}
+
+MODULES = [name for name in ssl_modules.__all__ if isinstance(getattr(ssl_modules, name), type)]
+
+
+def make_data(**overrides) -> SyntheticDataModule:
+    settings = dict(num_classes=4, channels=3, image_size=16, train_per_class=8, labels_per_class=2, batch_size=8)
+    settings.update(overrides)
+    return SyntheticDataModule(**settings)
+
+
+def make_model(name: str, data: SyntheticDataModule) -> L.LightningModule:
+    cls = getattr(ssl_modules, name)
+    return cls(
+        num_classes=data.num_classes,
+        channels=data.channels,
+        image_size=data.image_size,
+        mean=data.mean,
+        std=data.std,
+        horizontal_flip=data.horizontal_flip,
+        **CONFORMANCE_KWARGS.get(name, {}),
+    )
+
+
+def make_trainer(**overrides) -> L.Trainer:
+    settings = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    settings.update(overrides)
+    return L.Trainer(**settings)
+
+
+class GradientProbe(L.Callback):
+    """Records, before the first optimizer step, which parameters have a gradient."""
+
+    def __init__(self) -> None:
+        self.missing: list[str] = []
+        self.teacher_with_grad: list[str] = []
+        self.not_in_optimizer: list[str] = []
+        self.non_finite: list[str] = []
+        self.seen = False
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self.seen:
+            return
+        self.seen = True
+        in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        for name, param in pl_module.named_parameters():
+            if param.requires_grad:
+                if param.grad is None:
+                    self.missing.append(name)
+                elif not torch.isfinite(param.grad).all():
+                    self.non_finite.append(name)
+                if id(param) not in in_optimizer:
+                    self.not_in_optimizer.append(name)
+            elif param.grad is not None:
+                self.teacher_with_grad.append(name)
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_one_step_gradients(name: str) -> None:
+    L.seed_everything(0)
+    data = make_data()
+    model = make_model(name, data)
+    probe = GradientProbe()
+    make_trainer(max_steps=1, limit_val_batches=0, callbacks=[probe]).fit(model, datamodule=data)
+    assert probe.seen, "no optimizer step happened"
+    assert not probe.missing, f"trainable parameters without gradient: {probe.missing}"
+    assert not probe.non_finite, f"non-finite gradients: {probe.non_finite}"
+    assert not probe.teacher_with_grad, f"frozen (teacher) parameters received gradient: {probe.teacher_with_grad}"
+    assert not probe.not_in_optimizer, f"trainable parameters missing from the optimizer: {probe.not_in_optimizer}"
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_tiny_fit_and_checkpoint_roundtrip(name: str, tmp_path) -> None:
+    L.seed_everything(0)
+    data = make_data()
+    model = make_model(name, data)
+    trainer = make_trainer(max_epochs=2, check_val_every_n_epoch=1)
+    trainer.fit(model, datamodule=data)
+    losses = {k: float(v) for k, v in trainer.callback_metrics.items() if "loss" in k}
+    assert losses, "the module logged no loss"
+    assert all(math.isfinite(v) for v in losses.values()), losses
+    result = trainer.test(model, datamodule=data, verbose=False)[0]
+    assert 0.0 <= result["test/acc"] <= 1.0
+
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    restored = type(model).load_from_checkpoint(path)  # no other argument (contract)
+    model.eval()
+    restored.eval()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, restored.state_dict()[key]), f"{key} differs after reload"
+    images = torch.rand(4, data.channels, data.image_size, data.image_size)
+    with torch.no_grad():
+        expected = model.predict_step((images, torch.zeros(4, dtype=torch.long)), 0)
+        actual = restored.predict_step((images, torch.zeros(4, dtype=torch.long)), 0)
+    torch.testing.assert_close(actual, expected)
+
+
+class StopAfterEpoch(L.Callback):
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch + 1 >= self.epochs:
+            trainer.should_stop = True
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_resume_continues_exactly(name: str, tmp_path) -> None:
+    settings = dict(max_epochs=3, limit_val_batches=0)
+
+    L.seed_everything(0)
+    data = make_data()
+    uninterrupted = make_model(name, data)
+    make_trainer(**settings).fit(uninterrupted, datamodule=data)
+
+    L.seed_everything(0)
+    data = make_data()
+    first_half = make_model(name, data)
+    trainer = make_trainer(callbacks=[StopAfterEpoch(1)], **settings)
+    trainer.fit(first_half, datamodule=data)
+    path = tmp_path / "epoch1.ckpt"
+    trainer.save_checkpoint(path)
+
+    L.seed_everything(0)  # a resumed run is launched with the same config, hence the same seed ...
+    torch.manual_seed(123)  # ... but the global RNG state it starts with must not matter
+    data = make_data()
+    resumed = make_model(name, data)
+    make_trainer(**settings).fit(resumed, datamodule=data, ckpt_path=path)
+
+    expected = uninterrupted.state_dict()
+    for key, value in resumed.state_dict().items():
+        torch.testing.assert_close(value, expected[key], rtol=1e-5, atol=1e-6, msg=f"{key} differs after resume")
+
+
+class HiddenLabelScrambler(L.Callback):
+    """Replaces ``y_hidden`` of every unlabeled batch before ``training_step`` sees it."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        hidden = batch["unlabeled"][1]
+        if self.mode == "permute":
+            hidden.copy_(hidden[torch.randperm(len(hidden), generator=torch.Generator().manual_seed(batch_idx))])
+        elif self.mode == "unknown":
+            hidden.fill_(-1)
+
+
+class LossRecorder(L.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.losses.append(float(loss))
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_hidden_labels_never_reach_the_loss(name: str) -> None:
+    runs = {}
+    for mode in ("keep", "permute", "unknown"):
+        L.seed_everything(0)
+        data = make_data()
+        model = make_model(name, data)
+        recorder = LossRecorder()
+        make_trainer(max_steps=3, limit_val_batches=0, callbacks=[HiddenLabelScrambler(mode), recorder]).fit(
+            model, datamodule=data
+        )
+        runs[mode] = (recorder.losses, model.state_dict())
+    for mode in ("permute", "unknown"):
+        assert runs[mode][0] == runs["keep"][0], f"loss changed when y_hidden was {mode}d"
+        for key, value in runs["keep"][1].items():
+            torch.testing.assert_close(runs[mode][1][key], value, msg=f"{key} depends on y_hidden ({mode})")
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_bf16_mixed_fit_on_cpu(name: str) -> None:
+    L.seed_everything(0)
+    data = make_data()
+    model = make_model(name, data)
+    recorder = LossRecorder()
+    make_trainer(max_steps=2, limit_val_batches=0, precision="bf16-mixed", callbacks=[recorder]).fit(
+        model, datamodule=data
+    )
+    assert recorder.losses and all(math.isfinite(v) for v in recorder.losses)
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_ddp_spawn_two_processes_on_cpu(name: str) -> None:
+    L.seed_everything(0)
+    data = make_data(train_per_class=8)
+    model = make_model(name, data)
+    trainer = make_trainer(devices=2, strategy="ddp_spawn", max_steps=2, limit_val_batches=0)
+    trainer.fit(model, datamodule=data)
+    # ddp_spawn sends rank 0's metrics (not its loop state) back to this process
+    losses = {k: float(v) for k, v in trainer.callback_metrics.items() if "loss" in k}
+    assert losses and all(math.isfinite(v) for v in losses.values()), losses
+    result = trainer.test(model, datamodule=data, verbose=False)[0]
+    assert 0.0 <= result["test/acc"] <= 1.0
