@@ -294,8 +294,8 @@ class SemiSupervisedDataModule(L.LightningDataModule):
 
     def _save_split(self) -> None:
         trainer = getattr(self, "trainer", None)
-        if trainer is None:
-            return
+        if trainer is None or not trainer.loggers:
+            return  # without a logger there is no run folder to save into
         # trainer.log_dir is a collective (broadcast) under DDP: every rank must ask for it
         log_dir = trainer.log_dir or trainer.default_root_dir
         if log_dir is None or trainer.global_rank != 0:

@@ -3,8 +3,28 @@
 ``__all__`` lists the public LightningModules; the conformance tests walk it.
 """
 
+from ssl_modules.self_supervised.barlow_twins import BarlowTwinsModule
+from ssl_modules.self_supervised.byol import BYOLModule
+from ssl_modules.self_supervised.colorization import ColorizationPretext
+from ssl_modules.self_supervised.denoising_autoencoder import DenoisingAutoencoder
+from ssl_modules.self_supervised.jigsaw import JigsawPretext
+from ssl_modules.self_supervised.moco import MoCoModule
+from ssl_modules.self_supervised.rotation import RotationPretext
+from ssl_modules.self_supervised.simclr import SimCLRModule
+from ssl_modules.semi_supervised import FixMatchModule, SelfTrainingModule, StudentTeacherModule
 from ssl_modules.supervised import SupervisedModule
 
 __all__ = [
     "SupervisedModule",
+    "SelfTrainingModule",
+    "StudentTeacherModule",
+    "FixMatchModule",
+    "RotationPretext",
+    "JigsawPretext",
+    "ColorizationPretext",
+    "DenoisingAutoencoder",
+    "SimCLRModule",
+    "MoCoModule",
+    "BYOLModule",
+    "BarlowTwinsModule",
 ]

@@ -38,6 +38,8 @@ def log_image_grid(
             if trainer.global_rank == 0:
                 logger.experiment.add_image(key, grid, global_step=step)
             return
+    if not trainer.loggers:
+        return  # logging is off: write no files
     # trainer.log_dir is a collective (broadcast) under DDP: every rank asks, rank 0 writes
     log_dir = trainer.log_dir or trainer.default_root_dir
     if log_dir and trainer.global_rank == 0:

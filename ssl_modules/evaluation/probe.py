@@ -55,7 +55,15 @@ def fit_linear_probe(
         features: Shape: (num_labeled, dim).
         labels: Shape: (num_labeled,), int64.
     """
-    features = features.detach().float()
+    # Trainer.test runs hooks under torch.inference_mode, where enable_grad alone does not
+    # allow autograd: leave it, and clone the (inference) features into normal tensors.
+    with torch.inference_mode(False), torch.enable_grad():
+        return _fit_linear_probe(features.detach().float().clone(), labels.clone(), num_classes, weight_decay, max_iter)
+
+
+def _fit_linear_probe(
+    features: torch.Tensor, labels: torch.Tensor, num_classes: int, weight_decay: float, max_iter: int
+) -> LinearProbe:
     probe = LinearProbe(features.shape[1], num_classes).to(features.device)
     with torch.no_grad():
         probe.feature_mean.copy_(features.mean(0))
@@ -72,6 +80,5 @@ def fit_linear_probe(
         loss.backward()
         return loss
 
-    with torch.enable_grad():
-        optimizer.step(closure)
+    optimizer.step(closure)
     return probe.requires_grad_(False)

@@ -62,7 +62,16 @@ class SelfSupervisedModule(SSLModuleBase):
         scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__(
-            num_classes, channels, image_size, mean, std, horizontal_flip, lr, weight_decay, optimizer, scheduler
+            num_classes,
+            channels,
+            image_size,
+            mean,
+            std,
+            horizontal_flip,
+            lr,
+            weight_decay,
+            optimizer,
+            scheduler,
         )
         self.backbone = build_backbone(backbone, backbone_channels or channels)
         self.online_probe = nn.Linear(self.backbone.num_features, num_classes)
@@ -128,9 +137,12 @@ class SelfSupervisedModule(SSLModuleBase):
             )
             self._offline_probe = None
         else:
-            self._offline_probe = fit_linear_probe(
+            probe = fit_linear_probe(
                 *self._knn_bank, num_classes=self.num_classes, weight_decay=self.probe_weight_decay
             )
+            # a plain attribute, not a submodule: refitted at every test, it must not enter the
+            # state_dict (a checkpoint saved after testing would not load into a fresh module)
+            object.__setattr__(self, "_offline_probe", probe)
 
     def _evaluate(self, batch: Any, stage: str) -> None:
         images, labels = batch
@@ -140,11 +152,18 @@ class SelfSupervisedModule(SSLModuleBase):
         online_acc = (online == labels).float().mean()
         if self._knn_bank is not None:
             votes = knn_predict(features, *self._knn_bank, num_classes=self.num_classes, k=self.knn_k)
-            self.log(f"{stage}/knn_acc", (votes.argmax(1) == labels).float().mean(), sync_dist=True, batch_size=size)
+            self.log(
+                f"{stage}/knn_acc",
+                (votes.argmax(1) == labels).float().mean(),
+                sync_dist=True,
+                batch_size=size,
+            )
         if stage == "test":
             self.log("test/online_acc", online_acc, sync_dist=True, batch_size=size)
             probe = self._offline_probe
-            accuracy = (probe(features).argmax(1) == labels).float().mean() if probe is not None else online_acc
+            accuracy = (
+                (probe(features).argmax(1) == labels).float().mean() if probe is not None else online_acc
+            )
             self.log("test/acc", accuracy, sync_dist=True, batch_size=size)
         else:
             self.log("val/acc", online_acc, prog_bar=True, sync_dist=True, batch_size=size)

@@ -1,0 +1,14 @@
+"""Semi-supervised methods: learn from a few labeled and many unlabeled images.
+
+- ``SelfTrainingModule``: pseudo-labels, in rounds or online, with top-k / all / weighted selection.
+- ``StudentTeacherModule``: knowledge distillation, Mean Teacher (EMA teacher), Noisy Student.
+- ``FixMatchModule``: weak-view pseudo-labels taught on strong views.
+
+All three take ``entropy_weight`` for entropy minimisation on the unlabeled predictions.
+"""
+
+from ssl_modules.semi_supervised.fixmatch import FixMatchModule
+from ssl_modules.semi_supervised.self_training import SelfTrainingModule
+from ssl_modules.semi_supervised.student_teacher import StudentTeacherModule
+
+__all__ = ["FixMatchModule", "SelfTrainingModule", "StudentTeacherModule"]
