@@ -264,7 +264,9 @@ class SemiSupervisedDataModule(L.LightningDataModule):
             val = IndexedSubset(train, held) if len(held) else None
         else:
             keep = np.arange(len(targets))
-        labeled_local = split_labeled(targets[keep], self.labels_per_class, self.label_fraction, self.split_seed)
+        labeled_local = split_labeled(
+            targets[keep], self.labels_per_class, self.label_fraction, self.split_seed
+        )
         self.labeled_indices = keep[labeled_local]
         if self.labeled_in_unlabeled:
             self.unlabeled_indices = keep
@@ -300,8 +302,11 @@ class SemiSupervisedDataModule(L.LightningDataModule):
         log_dir = trainer.log_dir or trainer.default_root_dir
         if log_dir is None or trainer.global_rank != 0:
             return
+        summary = self.split_summary()
         os.makedirs(log_dir, exist_ok=True)
-        Path(log_dir, "split.json").write_text(json.dumps(self.split_summary()))
+        Path(log_dir, "split.json").write_text(json.dumps(summary))
+        for logger in trainer.loggers:  # W&B: the split lands in the run's config panel
+            logger.log_hyperparams({"data_split": summary})
 
     def state_dict(self) -> dict[str, Any]:
         if not self._prepared:
@@ -318,7 +323,9 @@ class SemiSupervisedDataModule(L.LightningDataModule):
             )
 
     # -- loaders ----------------------------------------------------------------------
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle_seed: int | None, drop_last: bool) -> DataLoader:
+    def _loader(
+        self, dataset: Dataset, batch_size: int, shuffle_seed: int | None, drop_last: bool
+    ) -> DataLoader:
         sampler = SeededRandomSampler(len(dataset), shuffle_seed) if shuffle_seed is not None else None
         return DataLoader(
             dataset,
@@ -358,7 +365,9 @@ class SemiSupervisedDataModule(L.LightningDataModule):
     def labeled_dataloader(self) -> DataLoader:
         """Each labeled image once, in order: for fitting linear probes and kNN banks."""
         self.setup("fit")
-        return self._loader(IndexedSubset(self.train_dataset, self.labeled_indices), self.batch_size, None, False)
+        return self._loader(
+            IndexedSubset(self.train_dataset, self.labeled_indices), self.batch_size, None, False
+        )
 
     def val_dataloader(self) -> DataLoader:
         self.setup("validate")

@@ -38,7 +38,11 @@ class SmallConvNet(nn.Module):
         super().__init__()
 
         def block(cin: int, cout: int) -> list[nn.Module]:
-            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+            return [
+                nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
+            ]
 
         self.features = nn.Sequential(
             *block(channels, width),
@@ -99,7 +103,9 @@ def _strip_classifier(model: nn.Module) -> int:
 class TorchvisionBackbone(nn.Module):
     """A torchvision classification model without its classifier (see module docstring)."""
 
-    def __init__(self, name: str, channels: int = 3, small_stem: bool = False, drop_rate: float = 0.0) -> None:
+    def __init__(
+        self, name: str, channels: int = 3, small_stem: bool = False, drop_rate: float = 0.0
+    ) -> None:
         super().__init__()
         kwargs = {"weights": None}
         if name == "inception_v3" or name == "googlenet":

@@ -33,7 +33,9 @@ class WarmupCosine:
     A pure function of the step, so a resumed run continues exactly.
     """
 
-    def __init__(self, total_steps: int, warmup_steps: int = 0, final_factor: float = 0.0, cycles: float = 0.5):
+    def __init__(
+        self, total_steps: int, warmup_steps: int = 0, final_factor: float = 0.0, cycles: float = 0.5
+    ):
         self.total_steps = max(1, int(total_steps))
         self.warmup_steps = int(warmup_steps)
         self.final_factor = final_factor
@@ -59,7 +61,9 @@ def _images_to_float(batch: Any) -> Any:
     return batch
 
 
-def split_batch(batch: Any) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
+def split_batch(
+    batch: Any,
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
     """``(labeled, unlabeled)`` from a ``{"labeled", "unlabeled"}`` batch, or from a plain ``(x, y)``."""
     if isinstance(batch, dict):
         return batch["labeled"], batch.get("unlabeled")
@@ -112,8 +116,12 @@ class SSLModuleBase(L.LightningModule):
         self.horizontal_flip = horizontal_flip
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
-        self.register_buffer("input_mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("input_std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer(
+            "input_mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "input_std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False
+        )
 
     # -- inputs -----------------------------------------------------------------------
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -149,7 +157,9 @@ class SSLModuleBase(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         params = self.trainable_parameters()
-        optimizer = self.optimizer_factory(params) if self.optimizer_factory else self.default_optimizer(params)
+        optimizer = (
+            self.optimizer_factory(params) if self.optimizer_factory else self.default_optimizer(params)
+        )
         if self.scheduler_factory is not None:
             scheduler = self.scheduler_factory(optimizer)
         else:
@@ -167,7 +177,9 @@ class SSLModuleBase(L.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._trainer is not None and self.trainer.optimizers:
-            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+            self.log(
+                "train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False
+            )
 
 
 class ClassifierModule(SSLModuleBase):
@@ -198,7 +210,16 @@ class ClassifierModule(SSLModuleBase):
         scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__(
-            num_classes, channels, image_size, mean, std, horizontal_flip, lr, weight_decay, optimizer, scheduler
+            num_classes,
+            channels,
+            image_size,
+            mean,
+            std,
+            horizontal_flip,
+            lr,
+            weight_decay,
+            optimizer,
+            scheduler,
         )
         self.backbone = build_backbone(backbone, channels, drop_rate=drop_rate)
         self.classifier = nn.Linear(self.backbone.num_features, num_classes)

@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 # linked from the datamodule into every model (contract: DESIGN.md, "Data")
 DATA_FACTS = ("num_classes", "channels", "image_size", "mean", "std", "horizontal_flip")
@@ -52,8 +52,16 @@ TRAINER_DEFAULTS = {
 }
 
 
-def build_cli(args: list[str] | None = None, run: bool = True, trainer_defaults: dict | None = None) -> SSLCLI:
-    """The CLI object; ``run=False`` only instantiates (what ``bench`` and the tests use)."""
+def build_cli(
+    args: list[str] | None = None,
+    run: bool = True,
+    trainer_defaults: dict | None = None,
+    save_config: bool = True,
+) -> SSLCLI:
+    """The CLI object; ``run=False`` only instantiates (what ``bench`` and the tests use).
+
+    ``save_config=False`` skips writing ``config.yaml`` (the bench runs without a run folder).
+    """
     return SSLCLI(
         model_class=None,
         datamodule_class=None,
@@ -63,6 +71,7 @@ def build_cli(args: list[str] | None = None, run: bool = True, trainer_defaults:
         run=run,
         trainer_defaults=TRAINER_DEFAULTS if trainer_defaults is None else trainer_defaults,
         save_config_kwargs={"overwrite": True},
+        save_config_callback=SaveConfigCallback if save_config else None,
         auto_configure_optimizers=False,
     )
 

@@ -23,7 +23,9 @@ def load_pretrained_backbone_state(path: str | Path) -> tuple[dict[str, torch.Te
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"pretrained checkpoint {str(path)!r} does not exist; pass the path of a .ckpt file.")
+        raise FileNotFoundError(
+            f"pretrained checkpoint {str(path)!r} does not exist; pass the path of a .ckpt file."
+        )
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     state = checkpoint.get("state_dict", checkpoint)
     backbone = {key[len("backbone.") :]: value for key, value in state.items() if key.startswith("backbone.")}

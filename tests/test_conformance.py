@@ -32,7 +32,9 @@ MODULES = [name for name in ssl_modules.__all__ if isinstance(getattr(ssl_module
 
 
 def make_data(**overrides) -> SyntheticDataModule:
-    settings = dict(num_classes=4, channels=3, image_size=16, train_per_class=8, labels_per_class=2, batch_size=8)
+    settings = dict(
+        num_classes=4, channels=3, image_size=16, train_per_class=8, labels_per_class=2, batch_size=8
+    )
     settings.update(overrides)
     return SyntheticDataModule(**settings)
 
@@ -101,8 +103,12 @@ def test_one_step_gradients(name: str) -> None:
     assert probe.seen, "no optimizer step happened"
     assert not probe.missing, f"trainable parameters without gradient: {probe.missing}"
     assert not probe.non_finite, f"non-finite gradients: {probe.non_finite}"
-    assert not probe.teacher_with_grad, f"frozen (teacher) parameters received gradient: {probe.teacher_with_grad}"
-    assert not probe.not_in_optimizer, f"trainable parameters missing from the optimizer: {probe.not_in_optimizer}"
+    assert not probe.teacher_with_grad, (
+        f"frozen (teacher) parameters received gradient: {probe.teacher_with_grad}"
+    )
+    assert not probe.not_in_optimizer, (
+        f"trainable parameters missing from the optimizer: {probe.not_in_optimizer}"
+    )
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -166,7 +172,9 @@ def test_resume_continues_exactly(name: str, tmp_path) -> None:
 
     expected = uninterrupted.state_dict()
     for key, value in resumed.state_dict().items():
-        torch.testing.assert_close(value, expected[key], rtol=1e-5, atol=1e-6, msg=f"{key} differs after resume")
+        torch.testing.assert_close(
+            value, expected[key], rtol=1e-5, atol=1e-6, msg=f"{key} differs after resume"
+        )
 
 
 class HiddenLabelScrambler(L.Callback):
@@ -178,7 +186,9 @@ class HiddenLabelScrambler(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         hidden = batch["unlabeled"][1]
         if self.mode == "permute":
-            hidden.copy_(hidden[torch.randperm(len(hidden), generator=torch.Generator().manual_seed(batch_idx))])
+            hidden.copy_(
+                hidden[torch.randperm(len(hidden), generator=torch.Generator().manual_seed(batch_idx))]
+            )
         elif self.mode == "unknown":
             hidden.fill_(-1)
 

@@ -18,6 +18,18 @@ With ``--downstream``, every method config is a pretraining stage: its final che
 handed to each downstream config (``model.pretrained=<ckpt>``, e.g. ``linear_probe.yaml`` or
 ``fine_tune.yaml``), and the downstream's ``test_acc`` is reported as ``method+downstream``.
 
+A METHOD_CONFIG may also be a *recipe*: a YAML file with a ``stages`` list, each stage a
+method config run in turn, a later stage receiving an earlier one's final checkpoint::
+
+    stages:
+      - name: teacher                       # reported as its own row
+        config: configs/supervised.yaml
+      - name: distillation
+        config: configs/distillation.yaml
+        checkpoint_from: teacher
+        checkpoint_into: model.teacher_checkpoint
+        set: [model.temperature=4.0]        # optional, this stage only
+
 ``test_acc`` is the final model's (or the EMA/teacher model's, where the method evaluates
 with it) — never a checkpoint selected on the test set.
 """
@@ -32,8 +44,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 BENCH_TRAINER_DEFAULTS: dict[str, Any] = {
     "logger": False,
@@ -56,13 +71,12 @@ def _cli_args(
     args += ["--seed_everything", str(seed), "--data.split_seed", str(seed)]
     if max_steps is not None:
         args += ["--trainer.max_steps", str(max_steps)]
-    args += list(extra or [])
     for item in overrides:
         if "=" not in item:
             raise SystemExit(f"--set takes KEY=VALUE (e.g. data.labels_per_class=10); got {item!r}")
         key, value = item.split("=", 1)
         args.append(f"--{key}={value}")
-    return args
+    return args + list(extra or [])  # a stage's own settings win over the global --set
 
 
 def run_one(spec: dict[str, Any]) -> dict[str, Any]:
@@ -73,7 +87,9 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
 
     from ssl_modules.cli import build_cli
 
-    cli = build_cli(args=spec["cli_args"], run=False, trainer_defaults=dict(BENCH_TRAINER_DEFAULTS))
+    cli = build_cli(
+        args=spec["cli_args"], run=False, trainer_defaults=dict(BENCH_TRAINER_DEFAULTS), save_config=False
+    )
     model, datamodule, trainer = cli.model, cli.datamodule, cli.trainer
     counter = {"images": 0}
     backbone = getattr(model, "backbone", None)
@@ -101,6 +117,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         "test_acc": float(results["test/acc"]),
         "fit_seconds": fit_seconds,
         "train_samples_per_s": counter["images"] / fit_seconds if fit_seconds > 0 else 0.0,
+        "train_images": counter["images"],
         "peak_memory_mb": peak_mb,
         "steps": int(trainer.global_step),
         "class_path": f"{type(model).__module__}.{type(model).__name__}",
@@ -119,7 +136,14 @@ def _run_in_subprocess(spec: dict[str, Any], log_path: Path) -> dict[str, Any]:
         spec_path.write_text(json.dumps(spec))
         with open(log_path, "w") as log:
             code = subprocess.call(
-                [sys.executable, "-m", "ssl_modules.evaluation.bench", "--worker", str(spec_path), str(out_path)],
+                [
+                    sys.executable,
+                    "-m",
+                    "ssl_modules.evaluation.bench",
+                    "--worker",
+                    str(spec_path),
+                    str(out_path),
+                ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
@@ -158,6 +182,79 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class Stage:
+    name: str
+    config: str
+    checkpoint_from: str | None = None
+    checkpoint_into: str = "model.pretrained"
+    overrides: tuple[str, ...] = ()
+    keep_checkpoint: bool = False
+
+
+def _resolve(path: str, recipe: Path) -> str:
+    """A recipe's paths are relative to the working directory or to the project holding it."""
+    if Path(path).is_file() or Path(path).is_absolute():
+        return path
+    for folder in recipe.resolve().parents:
+        if (folder / path).is_file():
+            return str(folder / path)
+    raise SystemExit(f"recipe {str(recipe)!r}: config {path!r} not found")
+
+
+def plan_stages(config: str, downstream: list[str] | None) -> list[Stage]:
+    """The stages one METHOD_CONFIG runs: itself, a recipe's stages, plus any downstream stages."""
+    text = yaml.safe_load(Path(config).read_text()) or {}
+    if "stages" in text:
+        unknown = set(text) - {"stages"}
+        if unknown:
+            raise SystemExit(
+                f"recipe {config!r}: unknown top-level keys {sorted(unknown)}; only 'stages' is allowed"
+            )
+        stages = []
+        for item in text["stages"]:
+            unknown = set(item) - {"name", "config", "checkpoint_from", "checkpoint_into", "set"}
+            if unknown or "name" not in item or "config" not in item:
+                raise SystemExit(
+                    f"recipe {config!r}: a stage needs 'name' and 'config' and may have 'checkpoint_from', "
+                    f"'checkpoint_into', 'set'; got {sorted(item)}"
+                )
+            stages.append(
+                Stage(
+                    name=item["name"],
+                    config=_resolve(item["config"], Path(config)),
+                    checkpoint_from=item.get("checkpoint_from"),
+                    checkpoint_into=item.get("checkpoint_into", "model.pretrained"),
+                    overrides=tuple(item.get("set", [])),
+                )
+            )
+        for stage in stages:
+            for other in stages:
+                if other.checkpoint_from == stage.name:
+                    stage.keep_checkpoint = True
+    else:
+        stages = [Stage(name=Path(config).stem, config=config)]
+    if downstream:
+        source = stages[-1]
+        source.keep_checkpoint = True
+        for path in downstream:
+            stages.append(Stage(f"{source.name}+{Path(path).stem}", path, checkpoint_from=source.name))
+    return stages
+
+
+def log_wandb_table(records: list[dict[str, Any]], project: str, settings: dict[str, Any]) -> None:
+    """One W&B run (job_type "bench") holding every record as a row of the ``results`` Table."""
+    import wandb
+
+    columns = ["method", "seed", "labels", "test_acc", "fit_seconds", "train_samples_per_s", "peak_memory_mb"]
+    run = wandb.init(project=project, job_type="bench", config=settings, dir=tempfile.gettempdir())
+    table = wandb.Table(
+        columns=columns, data=[[r.get(c) for c in columns] for r in records if "error" not in r]
+    )
+    run.log({"results": table})
+    run.finish()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="ssl-modules bench",
@@ -166,52 +263,79 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("method_configs", nargs="+", help="method YAML files (configs/<method>.yaml)")
     parser.add_argument("--data", required=True, help="data YAML file (configs/data/<name>.yaml)")
     parser.add_argument("--trainer", default=None, help="optional trainer YAML; default: 1 device, no logger")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="CLI override, repeatable")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="CLI override, repeatable"
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--max-steps", type=int, default=None, help="same step budget for every method")
     parser.add_argument("--out", default=None, help="write the JSON records here")
     parser.add_argument(
-        "--downstream", nargs="+", default=None, help="configs run on each method's checkpoint (model.pretrained)"
+        "--downstream",
+        nargs="+",
+        default=None,
+        help="configs run on each method's checkpoint (model.pretrained)",
+    )
+    parser.add_argument(
+        "--wandb", default=None, metavar="PROJECT", help="also log the records as a W&B Table to this project"
     )
     args = parser.parse_args(argv)
-    for path in [*args.method_configs, args.data, *(args.downstream or []), *([args.trainer] if args.trainer else [])]:
+    for path in [
+        *args.method_configs,
+        args.data,
+        *(args.downstream or []),
+        *([args.trainer] if args.trainer else []),
+    ]:
         if not Path(path).is_file():
             raise SystemExit(f"config file {path!r} does not exist")
 
     base_configs = [args.data] + ([args.trainer] if args.trainer else [])
-    jobs = [(method, seed) for method in args.method_configs for seed in args.seeds]
-    runs_per_job = 1 + len(args.downstream or [])
+    pipelines = [plan_stages(config, args.downstream) for config in args.method_configs]
+    total = len(args.seeds) * sum(len(stages) for stages in pipelines)
     records: list[dict[str, Any]] = []
     work_dir = Path(tempfile.mkdtemp(prefix="ssl-bench-"))
     start = time.perf_counter()
     done = 0
-    total = len(jobs) * runs_per_job
-    for method_config, seed in jobs:
-        name = Path(method_config).stem
-        stages: list[tuple[str, list[str], list[str], str | None]] = []
-        checkpoint = str(work_dir / f"{name}-seed{seed}.ckpt") if args.downstream else None
-        stages.append((name, [*base_configs, method_config], [], checkpoint))
-        for downstream in args.downstream or []:
-            stages.append(
-                (f"{name}+{Path(downstream).stem}", [*base_configs, downstream], [f"--model.pretrained={checkpoint}"], None)
-            )
-        for stage_name, configs, extra, save_checkpoint in stages:
-            elapsed = time.perf_counter() - start
-            eta = f", about {_fmt_seconds(elapsed / done * (total - done))} left" if done else ""
-            print(f"[{done + 1}/{total}] {stage_name} seed {seed} ({_fmt_seconds(elapsed)} elapsed{eta})", flush=True)
-            spec = {
-                "cli_args": _cli_args(configs, seed, args.max_steps, args.set, extra),
-                "save_checkpoint": save_checkpoint,
-            }
-            result = _run_in_subprocess(spec, work_dir / f"{stage_name}-seed{seed}.log")
-            record = {"method": stage_name, "seed": seed, "config": configs[-1], "data": args.data}
-            record.update({"max_steps": args.max_steps, "overrides": args.set})
-            record.update(result)
-            records.append(record)
-            done += 1
-            if "error" in record:
-                print(f"  FAILED: {record['error']}", flush=True)
-            else:
+    for stages in pipelines:
+        for seed in args.seeds:
+            checkpoints: dict[str, str] = {}
+            for stage in stages:
+                elapsed = time.perf_counter() - start
+                eta = f", about {_fmt_seconds(elapsed / done * (total - done))} left" if done else ""
+                print(
+                    f"[{done + 1}/{total}] {stage.name} seed {seed} ({_fmt_seconds(elapsed)} elapsed{eta})",
+                    flush=True,
+                )
+                extra = [
+                    f"--{key}={value}" for key, value in (item.split("=", 1) for item in stage.overrides)
+                ]
+                if stage.checkpoint_from is not None:
+                    if stage.checkpoint_from not in checkpoints:
+                        raise SystemExit(
+                            f"stage {stage.name!r}: checkpoint_from {stage.checkpoint_from!r} names no earlier stage"
+                        )
+                    extra.append(f"--{stage.checkpoint_into}={checkpoints[stage.checkpoint_from]}")
+                checkpoint = (
+                    str(work_dir / f"{stage.name}-seed{seed}.ckpt") if stage.keep_checkpoint else None
+                )
+                spec = {
+                    "cli_args": _cli_args(
+                        [*base_configs, stage.config], seed, args.max_steps, args.set, extra
+                    ),
+                    "save_checkpoint": checkpoint,
+                }
+                result = _run_in_subprocess(spec, work_dir / f"{stage.name}-seed{seed}.log")
+                record = {"method": stage.name, "seed": seed, "config": stage.config, "data": args.data}
+                record.update({"max_steps": args.max_steps, "overrides": args.set + list(stage.overrides)})
+                if stage.checkpoint_from is not None:
+                    record["initialised_from"] = stage.checkpoint_from
+                record.update(result)
+                records.append(record)
+                done += 1
+                if "error" in record:
+                    print(f"  FAILED: {record['error']}", flush=True)
+                    break  # later stages need this one's checkpoint
+                if checkpoint:
+                    checkpoints[stage.name] = checkpoint
                 print(
                     f"  test_acc={record['test_acc']:.4f} fit={record['fit_seconds']:.1f}s "
                     f"samples/s={record['train_samples_per_s']:.0f}",
@@ -221,9 +345,13 @@ def main(argv: list[str] | None = None) -> None:
         Path(args.out).write_text(json.dumps(records, indent=1))
     print()
     print(markdown_table(records))
+    if args.wandb:
+        log_wandb_table(records, args.wandb, vars(args))
     failed = [r for r in records if "error" in r]
     if failed:
-        raise SystemExit(f"{len(failed)} run(s) failed: " + ", ".join(f"{r['method']}/seed{r['seed']}" for r in failed))
+        raise SystemExit(
+            f"{len(failed)} run(s) failed: " + ", ".join(f"{r['method']}/seed{r['seed']}" for r in failed)
+        )
 
 
 def _worker(spec_path: str, out_path: str) -> None:
