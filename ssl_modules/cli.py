@@ -87,7 +87,24 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] == "run":
         fit_then_test(argv[1:])
         return
-    build_cli(argv)
+    try:
+        build_cli(argv)
+    except ValueError as error:
+        raise SystemExit(f"error: {readable_error(error)}") from error
+
+
+def readable_error(error: Exception) -> str:
+    """The module's own message out of jsonargparse's "Does not validate against any of the
+    Union subtypes" wrapper (a model or datamodule refused its arguments in ``__init__``)."""
+    text = str(error)
+    if "Does not validate against any of the Union subtypes" not in text:
+        return text
+    reasons = [
+        line.strip()[2:]
+        for line in text.splitlines()
+        if line.strip().startswith("- ") and "Expected a <class 'NoneType'>" not in line
+    ]
+    return "\n".join(reasons) or text
 
 
 def fit_then_test(argv: list[str]) -> dict[str, float]:
@@ -95,7 +112,10 @@ def fit_then_test(argv: list[str]) -> dict[str, float]:
 
     Takes the same ``--config``/``--key value`` arguments as ``ssl-modules fit``.
     """
-    cli = build_cli(argv, run=False)
+    try:
+        cli = build_cli(argv, run=False)
+    except ValueError as error:
+        raise SystemExit(f"error: {readable_error(error)}") from error
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     results = cli.trainer.test(cli.model, datamodule=cli.datamodule)[0]
     if cli.trainer.is_global_zero:

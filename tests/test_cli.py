@@ -218,3 +218,12 @@ def test_bench_recipe_hands_checkpoint_to_next_stage(tmp_path: Path) -> None:
     records = json.loads(out.read_text())
     assert [r["method"] for r in records] == ["distillation-teacher", "distillation"]
     assert records[1]["initialised_from"] == "distillation-teacher"
+
+
+def test_cli_shows_the_modules_own_error_message(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "ssl_modules.cli", "fit", "--config", str(CONFIGS / "data" / "digits.yaml")]
+    command += ["--config", str(CONFIGS / "colorization.yaml"), "--trainer.logger=false"]
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert completed.returncode != 0
+    last_line = completed.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: ColorizationPretext needs colour (3-channel RGB) images"), last_line
