@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -23,7 +24,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from ssl_modules.augment import to_float_images
-from ssl_modules.backbones import build_backbone
+from ssl_modules.backbones import build_backbone, first_conv_in_channels
 
 
 class WarmupCosine:
@@ -68,6 +69,26 @@ def split_batch(
     if isinstance(batch, dict):
         return batch["labeled"], batch.get("unlabeled")
     return tuple(batch), None
+
+
+def load_pretrained_backbone_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The ``backbone.*`` weights and the hyperparameters of a checkpoint of any module here.
+
+    Loads with ``weights_only=True``: a checkpoint cannot run code on load.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"pretrained checkpoint {str(path)!r} does not exist; pass the path of a .ckpt file."
+        )
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    state = checkpoint.get("state_dict", checkpoint)
+    backbone = {key[len("backbone.") :]: value for key, value in state.items() if key.startswith("backbone.")}
+    if not backbone:
+        raise ValueError(
+            f"{str(path)!r} has no 'backbone.*' weights; pass a checkpoint saved by an ssl_modules module."
+        )
+    return backbone, dict(checkpoint.get("hyper_parameters", {}))
 
 
 class SSLModuleBase(L.LightningModule):
@@ -191,6 +212,10 @@ class ClassifierModule(SSLModuleBase):
     Args:
         backbone: a name accepted by ``ssl_modules.backbones.build_backbone``.
         drop_rate: dropout before the classifier.
+        pretrained: path of a checkpoint of any module here whose ``backbone.*`` weights
+            initialise the backbone when fitting starts (e.g. a SimCLR checkpoint).
+        allow_class_mismatch: accept a ``pretrained`` checkpoint trained for another number of
+            classes (only its backbone is used); without it such a checkpoint is refused.
         (the rest as in ``SSLModuleBase``)
     """
 
@@ -208,6 +233,8 @@ class ClassifierModule(SSLModuleBase):
         drop_rate: float = 0.0,
         optimizer: OptimizerCallable | None = None,
         scheduler: LRSchedulerCallable | None = None,
+        pretrained: str | None = None,
+        allow_class_mismatch: bool = False,
     ) -> None:
         super().__init__(
             num_classes,
@@ -223,6 +250,43 @@ class ClassifierModule(SSLModuleBase):
         )
         self.backbone = build_backbone(backbone, channels, drop_rate=drop_rate)
         self.classifier = nn.Linear(self.backbone.num_features, num_classes)
+        self.pretrained = pretrained
+        self.allow_class_mismatch = allow_class_mismatch
+        # 1 once the pretrained weights are in; saved, so a reloaded or resumed model never
+        # overwrites its trained backbone with the pretrained one again
+        self.register_buffer("pretrained_loaded", torch.zeros((), dtype=torch.uint8))
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.pretrained and not bool(self.pretrained_loaded):
+            self.load_pretrained(self.pretrained)
+
+    def load_pretrained(self, path: str | Path) -> None:
+        """Copy the backbone of checkpoint ``path`` into this model, after checking it fits."""
+        state, hparams = load_pretrained_backbone_state(path)
+        source_backbone = hparams.get("backbone", self.hparams.backbone)
+        if source_backbone != self.hparams.backbone:
+            raise ValueError(
+                f"checkpoint {str(path)!r} has backbone {source_backbone!r} but this model was built with "
+                f"{self.hparams.backbone!r}; set model.backbone={source_backbone}."
+            )
+        source_classes = hparams.get("num_classes", self.num_classes)
+        if source_classes != self.num_classes and not self.allow_class_mismatch:
+            raise ValueError(
+                f"checkpoint {str(path)!r} was trained for {source_classes} classes but the data has "
+                f"{self.num_classes}; use a checkpoint from the same label set, or set "
+                "model.allow_class_mismatch=true to keep only its backbone and train a new classifier."
+            )
+        expected = first_conv_in_channels(self.backbone)
+        for value in state.values():
+            if value.ndim == 4:  # the first convolution's weight: (out, in_channels, k, k)
+                if value.shape[1] != expected:
+                    raise ValueError(
+                        f"checkpoint {str(path)!r} expects {value.shape[1]}-channel images but the data has "
+                        f"{expected}; pretrain on data with {expected} channel(s) (or convert the images)."
+                    )
+                break
+        self.backbone.load_state_dict(state)
+        self.pretrained_loaded.fill_(1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Float images in [0, 1], shape (batch_size, C, H, W) -> logits (batch_size, num_classes)."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -11,29 +10,10 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from ssl_modules.augment import weak_augmentation
-from ssl_modules.backbones import first_conv_in_channels
 from ssl_modules.base import ClassifierModule, split_batch
 from ssl_modules.callbacks import log_image_grid
-
-
-def load_pretrained_backbone_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The ``backbone.*`` weights and the hyperparameters of a checkpoint of any module here.
-
-    Loads with ``weights_only=True``: a checkpoint cannot run code on load.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"pretrained checkpoint {str(path)!r} does not exist; pass the path of a .ckpt file."
-        )
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    state = checkpoint.get("state_dict", checkpoint)
-    backbone = {key[len("backbone.") :]: value for key, value in state.items() if key.startswith("backbone.")}
-    if not backbone:
-        raise ValueError(
-            f"{str(path)!r} has no 'backbone.*' weights; pass a checkpoint saved by an ssl_modules module."
-        )
-    return backbone, dict(checkpoint.get("hyper_parameters", {}))
+from ssl_modules.evaluation.probe import fit_linear_probe
+from ssl_modules.evaluation.self_supervised import labeled_split_features
 
 
 class SupervisedModule(ClassifierModule):
@@ -41,7 +21,9 @@ class SupervisedModule(ClassifierModule):
 
     Also the downstream stage of self-supervised learning: with ``pretrained`` it starts from
     the backbone of any checkpoint in this library, and with ``freeze_backbone`` it is a
-    linear probe (the backbone stays in eval mode, BatchNorm statistics frozen). With
+    linear probe (the backbone stays in eval mode, BatchNorm statistics frozen) whose
+    ``test/acc`` is the same offline logistic regression on the labeled split that scores the
+    self-supervised methods (the trained classifier is reported as ``test/online_acc``). With
     ``freeze_backbone`` and no checkpoint it is the random-init reference probe.
 
     Args:
@@ -91,52 +73,52 @@ class SupervisedModule(ClassifierModule):
             drop_rate,
             optimizer,
             scheduler,
+            pretrained=pretrained,
+            allow_class_mismatch=allow_class_mismatch,
         )
         self.augment = weak_augmentation(image_size, horizontal_flip) if augment else torch.nn.Identity()
         self.freeze_backbone = freeze_backbone
-        # 1 once the pretrained weights are in; saved, so a reloaded or resumed model never
-        # overwrites its fine-tuned backbone with the pretrained one again
-        self.register_buffer("pretrained_loaded", torch.zeros((), dtype=torch.uint8))
         if freeze_backbone:
             self.backbone.requires_grad_(False)
 
-    def setup(self, stage: str) -> None:
-        if stage == "fit" and self.hparams.pretrained and not bool(self.pretrained_loaded):
-            self.load_pretrained(self.hparams.pretrained)
-
-    def load_pretrained(self, path: str | Path) -> None:
-        """Copy the backbone of checkpoint ``path`` into this model, after checking it fits."""
-        state, hparams = load_pretrained_backbone_state(path)
-        source_backbone = hparams.get("backbone", self.hparams.backbone)
-        if source_backbone != self.hparams.backbone:
-            raise ValueError(
-                f"checkpoint {str(path)!r} has backbone {source_backbone!r} but this model was built with "
-                f"{self.hparams.backbone!r}; set model.backbone={source_backbone}."
-            )
-        source_classes = hparams.get("num_classes", self.num_classes)
-        if source_classes != self.num_classes and not self.hparams.allow_class_mismatch:
-            raise ValueError(
-                f"checkpoint {str(path)!r} was trained for {source_classes} classes but the data has "
-                f"{self.num_classes}; use a checkpoint from the same label set, or set "
-                "model.allow_class_mismatch=true to keep only its backbone and train a new classifier."
-            )
-        expected = first_conv_in_channels(self.backbone)
-        for value in state.values():
-            if value.ndim == 4:  # the first convolution's weight: (out, in_channels, k, k)
-                if value.shape[1] != expected:
-                    raise ValueError(
-                        f"checkpoint {str(path)!r} expects {value.shape[1]}-channel images but the data has "
-                        f"{expected}; pretrain on data with {expected} channel(s) (or convert the images)."
-                    )
-                break
-        self.backbone.load_state_dict(state)
-        self.pretrained_loaded.fill_(1)
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        if self.freeze_backbone:  # Lightning restores per-module modes around validation
+            self.backbone.eval()
 
     def train(self, mode: bool = True) -> SupervisedModule:
         super().train(mode)
         if self.freeze_backbone:
             self.backbone.eval()  # a probe measures fixed features: BatchNorm statistics stay put
         return self
+
+    def on_test_epoch_start(self) -> None:
+        # A frozen backbone is probed exactly as the self-supervised methods are probed (the
+        # offline L-BFGS logistic regression on the labeled split), so the random-init row of a
+        # comparison is the same measurement, not a weaker SGD probe.
+        self._offline_probe = None
+        if self.freeze_backbone:
+            labeled = labeled_split_features(self, self.embed)
+            if labeled is not None:
+                self._offline_probe = fit_linear_probe(*labeled, num_classes=self.num_classes)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Backbone features. Shape: (batch_size, C, H, W) -> (batch_size, num_features)."""
+        self.check_images(images)
+        return self.backbone(self.normalize(images))
+
+    def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        probe = getattr(self, "_offline_probe", None)
+        if probe is None:
+            return super().test_step(batch, batch_idx)
+        images, labels = batch
+        features = self.embed(images)
+        size = len(labels)
+        online = (self.classifier(features).argmax(1) == labels).float().mean()
+        self.log("test/online_acc", online, sync_dist=True, batch_size=size)
+        accuracy = (probe(features).argmax(1) == labels).float().mean()
+        self.log("test/acc", accuracy, sync_dist=True, batch_size=size)
+        return None
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         (images, labels), _ = split_batch(batch)

@@ -58,7 +58,9 @@ def fit_linear_probe(
     # Trainer.test runs hooks under torch.inference_mode, where enable_grad alone does not
     # allow autograd: leave it, and clone the (inference) features into normal tensors.
     with torch.inference_mode(False), torch.enable_grad():
-        return _fit_linear_probe(features.detach().float().clone(), labels.clone(), num_classes, weight_decay, max_iter)
+        return _fit_linear_probe(
+            features.detach().float().clone(), labels.clone(), num_classes, weight_decay, max_iter
+        )
 
 
 def _fit_linear_probe(

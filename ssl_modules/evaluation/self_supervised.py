@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -27,6 +27,23 @@ from ssl_modules.backbones import build_backbone
 from ssl_modules.base import SSLModuleBase
 from ssl_modules.evaluation.knn import knn_predict
 from ssl_modules.evaluation.probe import LinearProbe, extract_features, fit_linear_probe
+
+
+def labeled_split_features(
+    module: SSLModuleBase, embed: Callable[[torch.Tensor], torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``embed`` features (eval mode) and labels of every labeled image of the trainer's
+    datamodule, or None when there is no datamodule with ``labeled_dataloader()``."""
+    trainer = module._trainer
+    datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+    if datamodule is None or not hasattr(datamodule, "labeled_dataloader"):
+        return None
+    was_training = module.training
+    module.eval()
+    try:
+        return extract_features(embed, datamodule.labeled_dataloader(), module.device, to_float_images)
+    finally:
+        module.train(was_training)
 
 
 class SelfSupervisedModule(SSLModuleBase):
@@ -115,15 +132,7 @@ class SelfSupervisedModule(SSLModuleBase):
 
     # -- labeled-split features ---------------------------------------------------------
     def _labeled_features(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if datamodule is None or not hasattr(datamodule, "labeled_dataloader"):
-            return None
-        was_training = self.training
-        self.eval()
-        try:
-            return extract_features(self.embed, datamodule.labeled_dataloader(), self.device, to_float_images)
-        finally:
-            self.train(was_training)
+        return labeled_split_features(self, self.embed)
 
     def on_validation_epoch_start(self) -> None:
         self._knn_bank = self._labeled_features()

@@ -1,0 +1,168 @@
+"""SimCLR-style view pipeline, batched on the device with kornia.
+
+Every call draws independent parameters for every image, so calling the pipeline twice on
+a batch gives two independent views per image (``make_views``).
+
+- [0] SimCLR (appendix A: crop, flip, colour distortion, blur), Chen et al., 2020, https://arxiv.org/abs/2002.05709
+- [1] BYOL (the same family of views), Grill et al., 2020, https://arxiv.org/abs/2006.07733
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import kornia.augmentation as K
+import torch
+from torch import nn
+
+# RGB <-> YIQ: a hue rotation is a rotation of the (I, Q) chroma plane.
+_RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
+
+
+def _gray(images: torch.Tensor) -> torch.Tensor:
+    """Luma of RGB images, or the image itself for one channel. Shape: (n, C, H, W) -> (n, 1, H, W)."""
+    if images.shape[1] == 3:
+        weights = _RGB_TO_YIQ[0].to(images).view(1, 3, 1, 1)
+        return (images * weights).sum(dim=1, keepdim=True)
+    return images.mean(dim=1, keepdim=True)
+
+
+class BatchedColorJitter(nn.Module):
+    """Colour jitter with independent factors per image, as a handful of batched tensor ops.
+
+    Brightness (scale by b), contrast (blend with the image's mean luma by c), saturation
+    (blend with the per-pixel luma by s) and hue (rotate the YIQ chroma plane by h x 2 pi),
+    factors drawn uniformly from [1 - x, 1 + x] (hue from [-h, h]), applied in a random order
+    with probability ``p`` per image, clamping to [0, 1] after each op, as torchvision's
+    ``ColorJitter``. Saturation and hue need 3 channels and are skipped for other counts.
+    Hue is rotated in YIQ rather than HSV (a linear map, so one batched matmul). kornia's
+    ``ColorJitter`` (HSV) took 3-6x longer than this on the 2-core CPU, more than the rest of
+    the pipeline together; see ``benchmarks/simclr_throughput.py``.
+
+    - [0] SimCLR (appendix A, colour distortion), Chen et al., 2020, https://arxiv.org/abs/2002.05709
+
+    Shape: (batch_size, channels, H, W) float in [0, 1] -> same.
+    """
+
+    def __init__(
+        self, brightness: float, contrast: float, saturation: float, hue: float, p: float = 1.0
+    ) -> None:
+        super().__init__()
+        if min(brightness, contrast, saturation, hue) < 0 or hue > 0.5 or not 0 <= p <= 1:
+            raise ValueError(
+                f"need brightness, contrast, saturation >= 0, 0 <= hue <= 0.5 and 0 <= p <= 1; got "
+                f"{brightness}, {contrast}, {saturation}, {hue}, p={p}"
+            )
+        self.brightness, self.contrast, self.saturation, self.hue, self.p = (
+            brightness,
+            contrast,
+            saturation,
+            hue,
+            p,
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        n, channels = images.shape[:2]
+        device, dtype = images.device, images.dtype
+
+        def factors(spread: float) -> torch.Tensor:  # (n, 1, 1, 1) in [1 - spread, 1 + spread]
+            return 1 + (torch.rand(n, 1, 1, 1, device=device, dtype=dtype) * 2 - 1) * spread
+
+        out = images
+        for op in torch.randperm(4).tolist():
+            if op == 0 and self.brightness > 0:
+                out = out * factors(self.brightness)
+            elif op == 1 and self.contrast > 0:
+                mean = _gray(out).mean(dim=(1, 2, 3), keepdim=True)
+                out = (out - mean) * factors(self.contrast) + mean
+            elif op == 2 and self.saturation > 0 and channels == 3:
+                gray = _gray(out)
+                out = (out - gray) * factors(self.saturation) + gray
+            elif op == 3 and self.hue > 0 and channels == 3:
+                angle = (torch.rand(n, device=device) * 2 - 1) * self.hue * 2 * torch.pi  # (n,)
+                cos, sin = angle.cos(), angle.sin()
+                rotation = torch.zeros(n, 3, 3, device=device)
+                rotation[:, 0, 0] = 1
+                rotation[:, 1, 1], rotation[:, 1, 2], rotation[:, 2, 1], rotation[:, 2, 2] = (
+                    cos,
+                    -sin,
+                    sin,
+                    cos,
+                )
+                matrix = _YIQ_TO_RGB.to(device) @ rotation @ _RGB_TO_YIQ.to(device)  # (n, 3, 3)
+                out = torch.einsum("nij,njhw->nihw", matrix.to(dtype), out)
+            else:
+                continue
+            out = out.clamp(0, 1)
+        apply = torch.rand(n, 1, 1, 1, device=device) < self.p
+        return torch.where(apply, out, images)
+
+
+# SimCLR omits the blur on CIFAR-10 (32 px) and uses it on ImageNet (224 px); blurring
+# images of a few dozen pixels erases them. Below this side, no blur.
+BLUR_MIN_IMAGE_SIZE = 64
+
+
+def simclr_views(
+    channels: int,
+    image_size: int,
+    horizontal_flip: bool = True,
+    crop_scale: Sequence[float] = (0.08, 1.0),
+    jitter_strength: float = 0.5,
+    jitter_probability: float = 0.8,
+    grayscale_probability: float = 0.2,
+    blur: bool | None = None,
+    blur_probability: float = 0.5,
+) -> nn.Module:
+    """The SimCLR augmentation as one batched module (kornia geometric ops, batched colour jitter).
+
+    - random resized crop (``crop_scale`` of the area, aspect 3/4-4/3) back to ``image_size``;
+    - horizontal flip with p=0.5, only if ``horizontal_flip`` (a data fact: off for digits);
+    - 3 channels: colour jitter (brightness, contrast, saturation 0.8 s, hue 0.2 s) with
+      p=``jitter_probability``, then grayscale with p=``grayscale_probability``;
+      1 channel: brightness and contrast jitter (0.8 s) with p=``jitter_probability`` —
+      saturation, hue and grayscale do not exist for one channel;
+      other channel counts: no colour operations;
+    - Gaussian blur (kernel ~10 % of the side, sigma in [0.1, 2]) with p=``blur_probability``
+      when ``blur`` (default: ``image_size >= 64``).
+
+    Args:
+        channels: image channels; chooses the colour operations.
+        image_size: side of the square output.
+        jitter_strength: s; 0.5 is SimCLR's CIFAR-10 choice, 1.0 its ImageNet one.
+
+    Shape: (batch_size, channels, H, W) float in [0, 1] -> (batch_size, channels, image_size, image_size).
+    """
+    if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
+        raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1; got {tuple(crop_scale)}")
+    ops: list[nn.Module] = [K.RandomResizedCrop((image_size, image_size), scale=tuple(crop_scale))]
+    if horizontal_flip:
+        ops.append(K.RandomHorizontalFlip(p=0.5))
+    strength = jitter_strength
+    if channels == 3:
+        ops.append(
+            BatchedColorJitter(
+                0.8 * strength, 0.8 * strength, 0.8 * strength, 0.2 * strength, p=jitter_probability
+            )
+        )
+        ops.append(K.RandomGrayscale(p=grayscale_probability))
+    elif channels == 1:
+        ops.append(BatchedColorJitter(0.8 * strength, 0.8 * strength, 0.0, 0.0, p=jitter_probability))
+    if blur if blur is not None else image_size >= BLUR_MIN_IMAGE_SIZE:
+        kernel = max(3, int(0.1 * image_size) // 2 * 2 + 1)  # odd, ~10 % of the side
+        ops.append(K.RandomGaussianBlur((kernel, kernel), (0.1, 2.0), p=blur_probability))
+    return nn.Sequential(*ops)
+
+
+def make_views(images: torch.Tensor, augment: nn.Module, num_views: int = 2) -> list[torch.Tensor]:
+    """``num_views`` independently augmented copies of ``images``, each clamped to [0, 1].
+
+    Shape: (batch_size, C, H, W) -> list of ``num_views`` tensors of the augmentation's output shape.
+    """
+    if num_views < 2:
+        raise ValueError(f"num_views must be >= 2; got {num_views}")
+    # one call on the repeated batch: every copy still draws its own parameters, and the
+    # per-call overhead of the augmentation is paid once instead of num_views times
+    views = augment(images.repeat(num_views, 1, 1, 1)).clamp(0, 1)
+    return list(views.chunk(num_views))

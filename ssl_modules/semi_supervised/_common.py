@@ -1,0 +1,117 @@
+"""Parts shared by the semi-supervised methods: a frozen classifier copy (EMA teacher, fixed
+teacher, round labeler), loading a classifier from any checkpoint of the library, and the
+pseudo-label diagnostics logged against ``y_hidden`` (never used by a loss)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from ssl_modules.augment import weak_augmentation
+from ssl_modules.augment.strong import strong_augmentation
+from ssl_modules.ema import copy_frozen, ema_update
+
+AUGMENTATIONS = ("weak", "strong", "none")
+
+
+class FrozenClassifier(nn.Module):
+    """``classifier(backbone(x))`` with no gradients: a teacher, an EMA copy or a round's labeler.
+
+    Shape: normalised images (batch_size, C, H, W) -> logits (batch_size, num_classes).
+    """
+
+    def __init__(self, backbone: nn.Module, classifier: nn.Module) -> None:
+        super().__init__()
+        self.backbone = copy_frozen(backbone)
+        self.classifier = copy_frozen(classifier)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.backbone(images))
+
+    @torch.no_grad()
+    def copy_from(self, backbone: nn.Module, classifier: nn.Module) -> None:
+        self.backbone.load_state_dict(backbone.state_dict())
+        self.classifier.load_state_dict(classifier.state_dict())
+
+    @torch.no_grad()
+    def ema_from(self, backbone: nn.Module, classifier: nn.Module, decay: float) -> None:
+        ema_update(self.backbone, backbone, decay)
+        ema_update(self.classifier, classifier, decay)
+
+
+def build_augmentation(kind: str, image_size: int, channels: int, horizontal_flip: bool) -> nn.Module:
+    """``"weak"`` (flip + shift), ``"strong"`` (+ RandAugment + Cutout) or ``"none"``."""
+    if kind == "weak":
+        return weak_augmentation(image_size, horizontal_flip)
+    if kind == "strong":
+        return strong_augmentation(image_size, channels, horizontal_flip)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"augmentation must be one of {AUGMENTATIONS}; got {kind!r}")
+
+
+def load_classifier_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The evaluation classifier of a checkpoint of any ``ClassifierModule`` of the library.
+
+    Returns ``(state, hyper_parameters)`` with ``state`` keyed ``backbone.*`` and ``classifier.*``.
+    The weights taken are those the source module evaluates with: the EMA teacher of a Mean
+    Teacher (``teacher.*``), the EMA model of FixMatch (``ema_model.*``), else the live network.
+    Loaded with ``weights_only=True``: a checkpoint cannot run code on load.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"teacher checkpoint {str(path)!r} does not exist; pass the path of a .ckpt file."
+        )
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    state = checkpoint.get("state_dict", checkpoint)
+    hparams = dict(checkpoint.get("hyper_parameters", {}))
+    prefix = ""
+    if hparams.get("teacher") == "ema" and any(key.startswith("teacher.backbone.") for key in state):
+        prefix = "teacher."
+    elif hparams.get("evaluate_with_ema", False) and any(
+        key.startswith("ema_model.backbone.") for key in state
+    ):
+        prefix = "ema_model."
+    selected = {
+        key[len(prefix) :]: value
+        for key, value in state.items()
+        if key.startswith(prefix + "backbone.") or key.startswith(prefix + "classifier.")
+    }
+    if "classifier.weight" not in selected or not any(key.startswith("backbone.") for key in selected):
+        raise ValueError(
+            f"{str(path)!r} has no 'backbone.*' and 'classifier.*' weights; pass a checkpoint of a classifier "
+            "module of this library (SupervisedModule, SelfTrainingModule, StudentTeacherModule, FixMatchModule)."
+        )
+    hparams.setdefault("num_classes", int(selected["classifier.weight"].shape[0]))
+    return selected, hparams
+
+
+def log_pseudo_label_stats(
+    module: L.LightningModule,
+    pseudo_labels: torch.Tensor,
+    weights: torch.Tensor,
+    hidden_labels: torch.Tensor,
+    prefix: str = "train",
+) -> None:
+    """Mask rate and pseudo-label accuracy against ``y_hidden`` (only where ``y_hidden >= 0``).
+
+    Diagnostics only: nothing computed here reaches a loss.
+
+    Args:
+        pseudo_labels: Shape: (batch_size,).
+        weights: Shape: (batch_size,); > 0 where the pseudo-label is kept.
+        hidden_labels: Shape: (batch_size,); -1 where unknown.
+    """
+    with torch.no_grad():
+        kept = weights > 0
+        batch = len(pseudo_labels)
+        module.log(f"{prefix}/mask_rate", kept.float().mean(), batch_size=batch)
+        known = kept & (hidden_labels >= 0)
+        if known.any():
+            accuracy = (pseudo_labels[known] == hidden_labels[known]).float().mean()
+            module.log(f"{prefix}/pseudo_label_acc", accuracy, batch_size=int(known.sum()))
