@@ -34,8 +34,7 @@ format: $(STAMP)
 
 # The README's results table (see README.md, "Results").
 bench: $(STAMP)
-	$(BIN)/ssl-modules bench configs/supervised.yaml configs/linear_probe.yaml --data configs/data/digits.yaml \
-		--seeds 0 1 2 --max-steps 500 --out results.json
+	bash benchmarks/readme_tables.sh
 
 clean:
 	rm -rf $(VENV) runs lightning_logs .pytest_cache .ruff_cache
