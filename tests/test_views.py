@@ -5,8 +5,9 @@ from __future__ import annotations
 import kornia.augmentation as K
 import pytest
 import torch
+import torch.nn.functional as F
 
-from ssl_modules.augment.views import BatchedColorJitter, make_views, simclr_views
+from ssl_modules.augment.views import BatchedColorJitter, BatchedResizedCrop, make_views, simclr_views
 
 
 def op_types(pipeline) -> list[type]:
@@ -27,10 +28,13 @@ def test_views_shape_range_dtype(channels, image_size):
 
 
 def test_ops_are_chosen_by_channel_count_and_flip_flag():
-    rgb = op_types(simclr_views(3, 32, horizontal_flip=True))
-    assert BatchedColorJitter in rgb and K.RandomGrayscale in rgb and K.RandomHorizontalFlip in rgb
+    rgb_pipeline = simclr_views(3, 32, horizontal_flip=True)
+    rgb = op_types(rgb_pipeline)
+    assert BatchedColorJitter in rgb and K.RandomGrayscale in rgb
+    assert next(op for op in rgb_pipeline.children() if isinstance(op, BatchedResizedCrop)).horizontal_flip
     gray = simclr_views(1, 32, horizontal_flip=False)
-    assert K.RandomGrayscale not in op_types(gray) and K.RandomHorizontalFlip not in op_types(gray)
+    assert K.RandomGrayscale not in op_types(gray)
+    assert not next(op for op in gray.children() if isinstance(op, BatchedResizedCrop)).horizontal_flip
     jitter = next(op for op in gray.children() if isinstance(op, BatchedColorJitter))
     assert jitter.p == pytest.approx(0.8)
     # one channel: only brightness and contrast are jittered
@@ -109,3 +113,40 @@ def test_batched_color_jitter_against_plain_formulas():
     assert torch.equal(BatchedColorJitter(0, 0, 0.8, 0.1, p=1.0)(gray), gray)
     with pytest.raises(ValueError):
         BatchedColorJitter(0.4, 0.4, 0.4, 0.6)
+
+
+def test_resized_crop_of_the_whole_image_is_the_identity_and_flip_mirrors():
+    images = torch.rand(4, 3, 12, 12)
+    whole = BatchedResizedCrop(12, scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    torch.testing.assert_close(whole(images), images, atol=1e-5, rtol=0)
+    flip = BatchedResizedCrop(12, scale=(1.0, 1.0), ratio=(1.0, 1.0), horizontal_flip=True)
+    theta = flip.sample_theta(len(images), images.device)
+    mirrored = theta[:, 0, 0] < 0
+    expected = torch.where(mirrored.view(-1, 1, 1, 1), images.flip(3), images)
+    torch.testing.assert_close(flip.apply(images, theta), expected, atol=1e-5, rtol=0)
+
+
+def test_resized_crop_samples_the_box_like_crop_then_resize():
+    # the left half of the image stretched to full width, against cropping then bilinear resizing
+    images = torch.rand(2, 1, 8, 8)
+    crop = BatchedResizedCrop(8)
+    theta = torch.tensor([[[0.5, 0.0, -0.5], [0.0, 1.0, 0.0]]]).repeat(2, 1, 1)
+    expected = F.interpolate(images[..., :4], size=(8, 8), mode="bilinear", align_corners=False)
+    # interior columns: the outermost ones differ only in how each treats the box's border
+    torch.testing.assert_close(crop.apply(images, theta)[..., 1:-1], expected[..., 1:-1], atol=1e-5, rtol=0)
+
+
+def test_resized_crop_boxes_follow_scale_and_ratio_and_stay_inside():
+    torch.manual_seed(0)
+    crop = BatchedResizedCrop(16, scale=(0.2, 0.6), ratio=(0.5, 2.0))
+    theta = crop.sample_theta(20_000, torch.device("cpu"))
+    width, height = theta[:, 0, 0].abs(), theta[:, 1, 1]
+    area = width * height
+    assert area.min() >= 0.2 - 1e-6 and area.max() <= 0.6 + 1e-6
+    assert (width / height).min() >= 0.5 - 1e-4 and (width / height).max() <= 2.0 + 1e-4
+    assert ((theta[:, 0, 2].abs() + width) <= 1 + 1e-6).all() and (
+        (theta[:, 1, 2].abs() + height) <= 1 + 1e-6
+    ).all()
+    assert abs(area.mean().item() - 0.4) < 0.01  # area uniform on [0.2, 0.6]
+    with pytest.raises(ValueError, match="scale"):
+        BatchedResizedCrop(16, scale=(0.0, 1.0))

@@ -9,10 +9,12 @@ a batch gives two independent views per image (``make_views``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import kornia.augmentation as K
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # RGB <-> YIQ: a hue rotation is a rotation of the (I, Q) chroma plane.
@@ -99,6 +101,70 @@ class BatchedColorJitter(nn.Module):
         return torch.where(apply, out, images)
 
 
+class BatchedResizedCrop(nn.Module):
+    """Random resized crop, and optionally a horizontal flip, as one ``affine_grid`` + ``grid_sample``.
+
+    For each image: an area fraction from ``scale`` and an aspect ratio log-uniform in
+    ``ratio`` give a box of relative width ``w = sqrt(area * ratio)`` and height
+    ``h = sqrt(area / ratio)`` (each at most 1, where torchvision would retry), placed uniformly
+    inside the image, resampled bilinearly to ``size`` x ``size``; mirrored with p=0.5 when
+    ``horizontal_flip``. Bilinear without antialiasing, like kornia's and torchvision's tensor
+    crops. kornia's ``RandomResizedCrop`` + ``RandomHorizontalFlip`` cost most of the SimCLR
+    view time on the 2-core CPU (``benchmarks/simclr_throughput.py``); this is one kernel.
+
+    - [0] Inception (random resized crop), Szegedy et al., 2015, https://arxiv.org/abs/1409.4842
+
+    Shape: (batch_size, C, H, W) -> (batch_size, C, size, size).
+    """
+
+    def __init__(
+        self,
+        size: int,
+        scale: Sequence[float] = (0.08, 1.0),
+        ratio: Sequence[float] = (3 / 4, 4 / 3),
+        horizontal_flip: bool = False,
+    ) -> None:
+        super().__init__()
+        if not 0 < scale[0] <= scale[1] <= 1 or not 0 < ratio[0] <= ratio[1]:
+            raise ValueError(
+                f"need 0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1]; got {scale}, {ratio}"
+            )
+        self.size = size
+        self.scale = (float(scale[0]), float(scale[1]))
+        self.log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+        self.horizontal_flip = horizontal_flip
+
+    def sample_theta(self, n: int, device: torch.device) -> torch.Tensor:
+        """Affine matrices mapping output to input coordinates in [-1, 1]. Shape: (n, 2, 3)."""
+        uniform = torch.rand(n, 5, device=device)
+        area = self.scale[0] + (self.scale[1] - self.scale[0]) * uniform[:, 0]
+        ratio = torch.exp(self.log_ratio[0] + (self.log_ratio[1] - self.log_ratio[0]) * uniform[:, 1])
+        width = torch.sqrt(area * ratio).clamp(max=1.0)
+        height = torch.sqrt(area / ratio).clamp(max=1.0)
+        center_x = (2 * uniform[:, 2] - 1) * (1 - width)  # the box stays inside the image
+        center_y = (2 * uniform[:, 3] - 1) * (1 - height)
+        mirror = (
+            torch.where(uniform[:, 4] < 0.5, -1.0, 1.0)
+            if self.horizontal_flip
+            else torch.ones(n, device=device)
+        )
+        theta = torch.zeros(n, 2, 3, device=device)
+        theta[:, 0, 0] = width * mirror
+        theta[:, 0, 2] = center_x
+        theta[:, 1, 1] = height
+        theta[:, 1, 2] = center_y
+        return theta
+
+    def apply(self, images: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        grid = F.affine_grid(
+            theta.to(images.dtype), [len(images), images.shape[1], self.size, self.size], align_corners=False
+        )
+        return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.apply(images, self.sample_theta(len(images), images.device))
+
+
 # SimCLR omits the blur on CIFAR-10 (32 px) and uses it on ImageNet (224 px); blurring
 # images of a few dozen pixels erases them. Below this side, no blur.
 BLUR_MIN_IMAGE_SIZE = 64
@@ -115,7 +181,7 @@ def simclr_views(
     blur: bool | None = None,
     blur_probability: float = 0.5,
 ) -> nn.Module:
-    """The SimCLR augmentation as one batched module (kornia geometric ops, batched colour jitter).
+    """The SimCLR augmentation as one batched module (batched crop + flip and colour jitter, kornia grayscale and blur).
 
     - random resized crop (``crop_scale`` of the area, aspect 3/4-4/3) back to ``image_size``;
     - horizontal flip with p=0.5, only if ``horizontal_flip`` (a data fact: off for digits);
@@ -136,9 +202,7 @@ def simclr_views(
     """
     if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
         raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1; got {tuple(crop_scale)}")
-    ops: list[nn.Module] = [K.RandomResizedCrop((image_size, image_size), scale=tuple(crop_scale))]
-    if horizontal_flip:
-        ops.append(K.RandomHorizontalFlip(p=0.5))
+    ops: list[nn.Module] = [BatchedResizedCrop(image_size, crop_scale, horizontal_flip=horizontal_flip)]
     strength = jitter_strength
     if channels == 3:
         ops.append(
