@@ -142,7 +142,7 @@ def test_bench_writes_contract_records(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
     command = [sys.executable, "-m", "ssl_modules.cli", "bench", str(CONFIGS / "supervised.yaml")]
     command += ["--data", str(CONFIGS / "data" / "digits.yaml"), "--seeds", "0", "1", "--max-steps", "3"]
-    command += ["--set", "data.labels_per_class=2", "--out", str(out)]
+    command += ["--set", "data.labels_per_class=2", "--out", str(out), "--jobs", "2"]
     completed = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert completed.returncode == 0, completed.stdout + completed.stderr
     records = json.loads(out.read_text())
@@ -221,9 +221,33 @@ def test_bench_recipe_hands_checkpoint_to_next_stage(tmp_path: Path) -> None:
 
 
 def test_cli_shows_the_modules_own_error_message(tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "ssl_modules.cli", "fit", "--config", str(CONFIGS / "data" / "digits.yaml")]
+    command = [
+        sys.executable,
+        "-m",
+        "ssl_modules.cli",
+        "fit",
+        "--config",
+        str(CONFIGS / "data" / "digits.yaml"),
+    ]
     command += ["--config", str(CONFIGS / "colorization.yaml"), "--trainer.logger=false"]
     completed = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert completed.returncode != 0
     last_line = completed.stderr.strip().splitlines()[-1]
     assert last_line.startswith("error: ColorizationPretext needs colour (3-channel RGB) images"), last_line
+
+
+def test_bench_stage_settings_override_the_global_ones(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    command = [
+        sys.executable,
+        "-m",
+        "ssl_modules.cli",
+        "bench",
+        str(CONFIGS / "recipes" / "supervised_all_labels.yaml"),
+    ]
+    command += ["--data", str(CONFIGS / "data" / "digits.yaml"), "--max-steps", "1", "--out", str(out)]
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    (record,) = json.loads(out.read_text())
+    assert record["method"] == "supervised-all-labels"
+    assert record["labels"] > 1000 and record["labels_per_class"] is None  # every training image

@@ -2,14 +2,15 @@
 
     ssl-modules bench METHOD_CONFIG... --data DATA_CONFIG [--set KEY=VALUE ...]
                       [--seeds 0 1 2] [--max-steps N] [--out results.json]
-                      [--downstream CONFIG ...] [--trainer TRAINER_CONFIG]
+                      [--downstream CONFIG ...] [--trainer TRAINER_CONFIG] [--jobs N]
 
 Writes one JSON record per (method, seed) with ``method``, ``seed``, ``labels``, ``test_acc``,
 ``fit_seconds``, ``train_samples_per_s``, ``peak_memory_mb`` (contract, DESIGN.md) plus the
 split (``labels_per_class``, ``label_fraction``, ``split_seed``, ``labeled_indices``) and the
 settings, and prints a markdown table of medians over seeds.
 
-Each (method, seed) runs in a fresh Python process, so ``peak_memory_mb`` (peak RSS, or the
+Each (method, seed) runs in a fresh Python process (``--jobs N`` runs N at once, e.g. one per
+core; rows measured that way share the machine equally, so their speed ratios still compare), so ``peak_memory_mb`` (peak RSS, or the
 CUDA peak on a GPU) is that run's own and no state leaks between methods. The seed sets both
 ``seed_everything`` and the labeled split (``data.split_seed``), as is usual in the field;
 ``--set data.split_seed=K`` pins the split instead.
@@ -43,7 +44,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -255,6 +258,81 @@ def log_wandb_table(records: list[dict[str, Any]], project: str, settings: dict[
     run.finish()
 
 
+class _Progress:
+    """Thread-safe "[done/total] ... elapsed, time left" lines."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.done = 0
+        self.start = time.perf_counter()
+        self.lock = threading.Lock()
+
+    def started(self, name: str, seed: int) -> None:
+        with self.lock:
+            elapsed = time.perf_counter() - self.start
+            eta = (
+                f", about {_fmt_seconds(elapsed / self.done * (self.total - self.done))} left"
+                if self.done
+                else ""
+            )
+            print(
+                f"[{self.done + 1}/{self.total}] {name} seed {seed} ({_fmt_seconds(elapsed)} elapsed{eta})",
+                flush=True,
+            )
+
+    def finished(self, record: dict[str, Any]) -> None:
+        with self.lock:
+            self.done += 1
+            if "error" in record:
+                print(f"  {record['method']} seed {record['seed']} FAILED: {record['error']}", flush=True)
+            else:
+                print(
+                    f"  {record['method']} seed {record['seed']}: test_acc={record['test_acc']:.4f} "
+                    f"fit={record['fit_seconds']:.1f}s samples/s={record['train_samples_per_s']:.0f}",
+                    flush=True,
+                )
+
+
+def run_pipeline(
+    stages: list[Stage],
+    seed: int,
+    base_configs: list[str],
+    args: argparse.Namespace,
+    work_dir: Path,
+    progress: _Progress,
+) -> list[dict[str, Any]]:
+    """Run one seed of one METHOD_CONFIG's stages in order, each in its own process."""
+    records: list[dict[str, Any]] = []
+    checkpoints: dict[str, str] = {}
+    for stage in stages:
+        progress.started(stage.name, seed)
+        extra = [f"--{key}={value}" for key, value in (item.split("=", 1) for item in stage.overrides)]
+        if stage.checkpoint_from is not None:
+            if stage.checkpoint_from not in checkpoints:
+                raise SystemExit(
+                    f"stage {stage.name!r}: checkpoint_from {stage.checkpoint_from!r} names no earlier stage"
+                )
+            extra.append(f"--{stage.checkpoint_into}={checkpoints[stage.checkpoint_from]}")
+        checkpoint = str(work_dir / f"{stage.name}-seed{seed}.ckpt") if stage.keep_checkpoint else None
+        spec = {
+            "cli_args": _cli_args([*base_configs, stage.config], seed, args.max_steps, args.set, extra),
+            "save_checkpoint": checkpoint,
+        }
+        result = _run_in_subprocess(spec, work_dir / f"{stage.name}-seed{seed}.log")
+        record = {"method": stage.name, "seed": seed, "config": stage.config, "data": args.data}
+        record.update({"max_steps": args.max_steps, "overrides": args.set + list(stage.overrides)})
+        if stage.checkpoint_from is not None:
+            record["initialised_from"] = stage.checkpoint_from
+        record.update(result)
+        records.append(record)
+        progress.finished(record)
+        if "error" in record:
+            break  # later stages need this one's checkpoint
+        if checkpoint:
+            checkpoints[stage.name] = checkpoint
+    return records
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="ssl-modules bench",
@@ -276,6 +354,12 @@ def main(argv: list[str] | None = None) -> None:
         help="configs run on each method's checkpoint (model.pretrained)",
     )
     parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="run this many (method, seed) pipelines at once (CPU cores / GPUs)",
+    )
+    parser.add_argument(
         "--wandb", default=None, metavar="PROJECT", help="also log the records as a W&B Table to this project"
     )
     args = parser.parse_args(argv)
@@ -290,57 +374,17 @@ def main(argv: list[str] | None = None) -> None:
 
     base_configs = [args.data] + ([args.trainer] if args.trainer else [])
     pipelines = [plan_stages(config, args.downstream) for config in args.method_configs]
-    total = len(args.seeds) * sum(len(stages) for stages in pipelines)
-    records: list[dict[str, Any]] = []
+    jobs = [(index, seed, stages) for index, stages in enumerate(pipelines) for seed in args.seeds]
+    progress = _Progress(total=sum(len(stages) for _, _, stages in jobs))
     work_dir = Path(tempfile.mkdtemp(prefix="ssl-bench-"))
-    start = time.perf_counter()
-    done = 0
-    for stages in pipelines:
-        for seed in args.seeds:
-            checkpoints: dict[str, str] = {}
-            for stage in stages:
-                elapsed = time.perf_counter() - start
-                eta = f", about {_fmt_seconds(elapsed / done * (total - done))} left" if done else ""
-                print(
-                    f"[{done + 1}/{total}] {stage.name} seed {seed} ({_fmt_seconds(elapsed)} elapsed{eta})",
-                    flush=True,
-                )
-                extra = [
-                    f"--{key}={value}" for key, value in (item.split("=", 1) for item in stage.overrides)
-                ]
-                if stage.checkpoint_from is not None:
-                    if stage.checkpoint_from not in checkpoints:
-                        raise SystemExit(
-                            f"stage {stage.name!r}: checkpoint_from {stage.checkpoint_from!r} names no earlier stage"
-                        )
-                    extra.append(f"--{stage.checkpoint_into}={checkpoints[stage.checkpoint_from]}")
-                checkpoint = (
-                    str(work_dir / f"{stage.name}-seed{seed}.ckpt") if stage.keep_checkpoint else None
-                )
-                spec = {
-                    "cli_args": _cli_args(
-                        [*base_configs, stage.config], seed, args.max_steps, args.set, extra
-                    ),
-                    "save_checkpoint": checkpoint,
-                }
-                result = _run_in_subprocess(spec, work_dir / f"{stage.name}-seed{seed}.log")
-                record = {"method": stage.name, "seed": seed, "config": stage.config, "data": args.data}
-                record.update({"max_steps": args.max_steps, "overrides": args.set + list(stage.overrides)})
-                if stage.checkpoint_from is not None:
-                    record["initialised_from"] = stage.checkpoint_from
-                record.update(result)
-                records.append(record)
-                done += 1
-                if "error" in record:
-                    print(f"  FAILED: {record['error']}", flush=True)
-                    break  # later stages need this one's checkpoint
-                if checkpoint:
-                    checkpoints[stage.name] = checkpoint
-                print(
-                    f"  test_acc={record['test_acc']:.4f} fit={record['fit_seconds']:.1f}s "
-                    f"samples/s={record['train_samples_per_s']:.0f}",
-                    flush=True,
-                )
+
+    def run_job(job: tuple[int, int, list[Stage]]) -> list[dict[str, Any]]:
+        _, seed, stages = job
+        return run_pipeline(stages, seed, base_configs, args, work_dir, progress)
+
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        results = list(pool.map(run_job, jobs))  # in submission order: the table's row order
+    records = [record for job_records in results for record in job_records]
     if args.out:
         Path(args.out).write_text(json.dumps(records, indent=1))
     print()
