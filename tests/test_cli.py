@@ -251,3 +251,17 @@ def test_bench_stage_settings_override_the_global_ones(tmp_path: Path) -> None:
     (record,) = json.loads(out.read_text())
     assert record["method"] == "supervised-all-labels"
     assert record["labels"] > 1000 and record["labels_per_class"] is None  # every training image
+
+
+def test_bench_downstream_probes_each_pretrained_checkpoint(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    command = [sys.executable, "-m", "ssl_modules.cli", "bench", str(CONFIGS / "rotation.yaml")]
+    command += ["--data", str(CONFIGS / "data" / "digits.yaml"), "--max-steps", "2", "--out", str(out)]
+    command += ["--set", "data.labels_per_class=null", "--set", "data.label_fraction=0.1"]
+    command += ["--downstream", str(CONFIGS / "linear_probe.yaml"), str(CONFIGS / "fine_tune.yaml")]
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    records = json.loads(out.read_text())
+    assert [r["method"] for r in records] == ["rotation", "rotation+linear_probe", "rotation+fine_tune"]
+    assert all(r["label_fraction"] == 0.1 and 120 <= r["labels"] <= 140 for r in records)  # ~10 % of each class
+    assert [r.get("initialised_from") for r in records] == [None, "rotation", "rotation"]
