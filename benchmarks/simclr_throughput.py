@@ -34,14 +34,22 @@ from ssl_modules.augment.views import simclr_views
 
 
 class ReadyViews(nn.Module):
-    """Stands in for the augmentation: returns given views in turn (view a, then view b)."""
+    """Stands in for the augmentation: returns the given views.
+
+    ``make_views`` calls the augmentation once on the batch repeated ``num_views`` times, so
+    this returns all views concatenated (returning only the first view would halve the work of
+    the step and inflate the "limit" twofold).
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.views: list[torch.Tensor] = []
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.views.pop(0)
+        views = torch.cat(self.views)
+        if views.shape != images.shape:
+            raise ValueError(f"ready views {tuple(views.shape)} do not match the batch {tuple(images.shape)}")
+        return views
 
 
 class TwoViewDataset(Dataset):

@@ -263,5 +263,7 @@ def test_bench_downstream_probes_each_pretrained_checkpoint(tmp_path: Path) -> N
     assert completed.returncode == 0, completed.stdout + completed.stderr
     records = json.loads(out.read_text())
     assert [r["method"] for r in records] == ["rotation", "rotation+linear_probe", "rotation+fine_tune"]
-    assert all(r["label_fraction"] == 0.1 and 120 <= r["labels"] <= 140 for r in records)  # ~10 % of each class
+    assert all(
+        r["label_fraction"] == 0.1 and 120 <= r["labels"] <= 140 for r in records
+    )  # ~10 % of each class
     assert [r.get("initialised_from") for r in records] == [None, "rotation", "rotation"]
