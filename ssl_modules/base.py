@@ -288,10 +288,14 @@ class ClassifierModule(SSLModuleBase):
         self.backbone.load_state_dict(state)
         self.pretrained_loaded.fill_(1)
 
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Backbone features. Shape: (batch_size, C, H, W) -> (batch_size, num_features)."""
+        self.check_images(images)
+        return self.backbone(self.normalize(images))
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Float images in [0, 1], shape (batch_size, C, H, W) -> logits (batch_size, num_classes)."""
-        self.check_images(images)
-        return self.classifier(self.backbone(self.normalize(images)))
+        return self.classifier(self.embed(images))
 
     def evaluation_logits(self, images: torch.Tensor) -> torch.Tensor:
         return self(images)

@@ -102,11 +102,6 @@ class SupervisedModule(ClassifierModule):
             if labeled is not None:
                 self._offline_probe = fit_linear_probe(*labeled, num_classes=self.num_classes)
 
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Backbone features. Shape: (batch_size, C, H, W) -> (batch_size, num_features)."""
-        self.check_images(images)
-        return self.backbone(self.normalize(images))
-
     def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         probe = getattr(self, "_offline_probe", None)
         if probe is None:
