@@ -12,6 +12,7 @@ import copy
 import math
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 
@@ -19,6 +20,31 @@ def warmup_ema_decay(step: int, decay: float) -> float:
     """Mean Teacher's ``min(1 - 1 / (step + 1), decay)``: early on, the average follows the
     student closely instead of averaging in the random initialisation."""
     return min(1.0 - 1.0 / (step + 1), decay)
+
+
+def warn_if_ema_outlasts_run(
+    decay: float, total_steps: float, what: str, fraction: float = 0.5
+) -> str | None:
+    """Warn when an EMA's horizon ``1 / (1 - decay)`` exceeds ``fraction`` of the run.
+
+    With the warm-up above, such an EMA ends as a near-uniform average of every iterate of the
+    run, early ones included, and lags the live model: FixMatch on the digits (500 steps, seed 1)
+    scored 0.953 with a 0.999 EMA against 0.981 for its live weights. Returns the message (or None).
+    """
+    if decay >= 1.0 or not math.isfinite(total_steps) or total_steps <= 0:
+        return None  # a frozen EMA, or a run without a known length
+    total_steps = int(total_steps)
+    horizon = 1.0 / (1.0 - decay)
+    if horizon <= fraction * total_steps:
+        return None
+    suggestion = max(0.0, 1.0 - 1.0 / max(1.0, 0.2 * total_steps))
+    message = (
+        f"{what}: ema_decay={decay} averages over ~{horizon:.0f} steps, {horizon / total_steps:.0%} of this "
+        f"{total_steps}-step run, so the EMA weights will lag the trained ones. For a run this short set "
+        f"ema_decay to about {suggestion:.3g} (a horizon of ~20% of the run); the papers' 0.999 assumes ~1M steps."
+    )
+    rank_zero_warn(message)
+    return message
 
 
 def cosine_momentum(step: int, total_steps: int, base_momentum: float, final_momentum: float = 1.0) -> float:

@@ -12,6 +12,7 @@ import torch
 import ssl_modules.semi_supervised.self_training as self_training_module
 from datamodules.digits import DigitsDataModule
 from ssl_modules import FixMatchModule, SelfTrainingModule, StudentTeacherModule, SupervisedModule
+from ssl_modules.ema import warn_if_ema_outlasts_run
 
 FACTS = {
     "num_classes": 4,
@@ -282,6 +283,21 @@ def test_fixmatch_ema_warm_up_and_evaluation_with_ema(tmp_path: Path) -> None:
     assert model.evaluation_logits(images).argmax(dim=1).tolist() == [9] * 4
     model.hparams.evaluate_with_ema = False
     assert torch.allclose(model.evaluation_logits(images), model(images))
+
+
+def test_ema_longer_than_the_run_is_flagged_with_a_usable_decay() -> None:
+    with pytest.warns(UserWarning, match="lag"):
+        message = warn_if_ema_outlasts_run(0.999, 500, "EMA")
+    assert message is not None and "1000 steps" in message and "0.99" in message
+    assert warn_if_ema_outlasts_run(0.99, 500, "EMA") is None  # 100 steps: 20% of the run
+    assert warn_if_ema_outlasts_run(0.999, 2**20, "EMA") is None  # the paper's run
+    assert warn_if_ema_outlasts_run(0.999, float("inf"), "EMA") is None  # length unknown
+
+
+def test_fixmatch_warns_at_fit_start_when_its_ema_outlasts_the_run(tmp_path: Path) -> None:
+    fit = trainer(tmp_path, max_steps=2, enable_checkpointing=False)
+    with pytest.warns(UserWarning, match="FixMatch's evaluation EMA: ema_decay=0.999"):
+        fit.fit(FixMatchModule(**DIGITS), datamodule=digits())
 
 
 def test_mean_teacher_evaluates_with_the_teacher() -> None:

@@ -14,7 +14,7 @@ from ssl_modules.augment import weak_augmentation
 from ssl_modules.backbones import build_backbone, first_conv_in_channels
 from ssl_modules.base import ClassifierModule, split_batch
 from ssl_modules.callbacks import log_image_grid
-from ssl_modules.ema import warmup_ema_decay
+from ssl_modules.ema import warmup_ema_decay, warn_if_ema_outlasts_run
 from ssl_modules.losses.semi_supervised import ConsistencyLoss, entropy_loss, sigmoid_rampup
 from ssl_modules.semi_supervised._common import (
     FrozenClassifier,
@@ -228,6 +228,13 @@ class StudentTeacherModule(ClassifierModule):
         if self.global_step == 0 and batch_idx == 0:
             log_image_grid(self, "train/student_views", student_views, caption="student views")
         return loss
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if self.hparams.teacher == "ema":
+            warn_if_ema_outlasts_run(
+                self.hparams.ema_decay, self.trainer.estimated_stepping_batches, "Mean Teacher's EMA teacher"
+            )
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
