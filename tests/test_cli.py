@@ -168,6 +168,43 @@ def test_bench_writes_contract_records(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("config.yaml")), "bench must not litter the working directory"
 
 
+def test_bench_last_k_reports_the_median_of_the_last_validation_runs(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    command = [sys.executable, "-m", "ssl_modules.cli", "bench", str(CONFIGS / "supervised.yaml")]
+    command += ["--data", str(CONFIGS / "data" / "digits.yaml"), "--max-steps", "6", "--out", str(out)]
+    command += ["--last-k", "2", "--val-every", "2"]
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    (record,) = json.loads(out.read_text())
+    steps = [step for step, _ in record["val_acc_history"]]
+    assert steps == [2, 4, 6]  # every 2 steps, counted across epochs
+    last_two = [acc for _, acc in record["val_acc_history"][-2:]]
+    assert record["val_acc_last_k"] == 2
+    assert record["val_acc_last_k_median"] == pytest.approx(sum(last_two) / 2)
+    assert "val_acc, median of last 2" in completed.stdout
+
+
+def test_last_k_summary_needs_enough_validation_runs() -> None:
+    from ssl_modules.evaluation.bench import last_k_summary
+
+    assert last_k_summary([10, 20], [0.5, 0.7], None) == {}
+    summary = last_k_summary([10, 20, 30], [0.5, 0.9, 0.7], 3)
+    assert summary["val_acc_last_k_median"] == 0.7
+    with pytest.raises(RuntimeError, match="needs 3 validation runs but fit made 2"):
+        last_k_summary([10, 20], [0.5, 0.7], 3)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [(["--val-every", "5"], "only applies with --last-k"), (["--last-k", "2"], "needs --val-every")],
+)
+def test_bench_refuses_inconsistent_last_k_flags(flags: list[str], message: str) -> None:
+    from ssl_modules.evaluation.bench import main
+
+    with pytest.raises(SystemExit, match=message):
+        main([str(CONFIGS / "supervised.yaml"), "--data", str(CONFIGS / "data" / "digits.yaml"), *flags])
+
+
 def test_run_prints_test_accuracy(tmp_path: Path) -> None:
     command = [
         sys.executable,

@@ -3,6 +3,7 @@
     ssl-modules bench METHOD_CONFIG... --data DATA_CONFIG [--set KEY=VALUE ...]
                       [--seeds 0 1 2] [--max-steps N] [--out results.json]
                       [--downstream CONFIG ...] [--trainer TRAINER_CONFIG] [--jobs N]
+                      [--last-k K [--val-every STEPS]]
 
 Writes one JSON record per (method, seed) with ``method``, ``seed``, ``labels``, ``test_acc``,
 ``fit_seconds``, ``train_samples_per_s``, ``peak_memory_mb`` (contract, DESIGN.md) plus the
@@ -32,7 +33,11 @@ method config run in turn, a later stage receiving an earlier one's final checkp
         set: [model.temperature=4.0]        # optional, this stage only
 
 ``test_acc`` is the final model's (or the EMA/teacher model's, where the method evaluates
-with it) — never a checkpoint selected on the test set.
+with it) — never a checkpoint selected on the test set. ``--last-k K`` adds a second number that
+smooths out where the run happened to stop: the model is evaluated on the *validation* split every
+``--val-every`` steps, and ``val_acc_last_k_median`` is the median of the last K of those
+evaluations (``val_acc_history`` keeps them all, with their steps). The test split is still
+touched once, by the final model.
 """
 
 from __future__ import annotations
@@ -88,6 +93,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
 
     import torch
 
+    from ssl_modules.callbacks.history import ValidationHistory
     from ssl_modules.cli import build_cli
 
     cli = build_cli(
@@ -103,6 +109,8 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
                 counter["images"] += int(inputs[0].shape[0])
 
         backbone.register_forward_hook(count_images)
+    history = ValidationHistory()
+    trainer.callbacks.append(history)  # read at every validation end, so appending before fit works
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -130,6 +138,23 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         "split_seed": datamodule.split_seed,
         "labeled_indices": datamodule.labeled_indices.tolist(),
         "other_metrics": {k: float(v) for k, v in results.items() if k != "test/acc"},
+        **last_k_summary(history.steps, history.accuracies, spec.get("last_k")),
+    }
+
+
+def last_k_summary(steps: list[int], accuracies: list[float], last_k: int | None) -> dict[str, Any]:
+    """The record's ``val_acc_*`` fields: the history and the median of its last ``last_k`` values."""
+    if not last_k:
+        return {}
+    if len(accuracies) < last_k:
+        raise RuntimeError(
+            f"--last-k {last_k} needs {last_k} validation runs but fit made {len(accuracies)}; "
+            "lower --val-every (or --last-k)."
+        )
+    return {
+        "val_acc_history": [[step, acc] for step, acc in zip(steps, accuracies)],
+        "val_acc_last_k": last_k,
+        "val_acc_last_k_median": statistics.median(accuracies[-last_k:]),
     }
 
 
@@ -171,6 +196,11 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
         "| speed vs first | peak MB |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    with_val = any("val_acc_last_k_median" in r for runs in methods.values() for r in runs)
+    if with_val:
+        k = next(r["val_acc_last_k"] for runs in methods.values() for r in runs if "val_acc_last_k" in r)
+        lines[0] += f" val_acc, median of last {k} (median) |"
+        lines[1] += "---|"
     reference = None
     for name, runs in methods.items():
         accs = [r["test_acc"] for r in runs]
@@ -182,6 +212,9 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
             f"{min(accs):.4f} – {max(accs):.4f} | {statistics.median(r['fit_seconds'] for r in runs):.1f} | "
             f"{speed:.0f} | {ratio} | {statistics.median(r['peak_memory_mb'] for r in runs):.0f} |"
         )
+        if with_val:
+            values = [r["val_acc_last_k_median"] for r in runs if "val_acc_last_k_median" in r]
+            lines[-1] += f" {statistics.median(values):.4f} |" if values else " n/a |"
     return "\n".join(lines)
 
 
@@ -293,6 +326,15 @@ class _Progress:
                 )
 
 
+def _validation_args(val_every: int) -> list[str]:
+    """Trainer settings that validate on the whole validation split every ``val_every`` steps."""
+    return [
+        "--trainer.limit_val_batches=1.0",
+        f"--trainer.val_check_interval={val_every}",
+        "--trainer.check_val_every_n_epoch=null",  # count steps across epochs
+    ]
+
+
 def run_pipeline(
     stages: list[Stage],
     seed: int,
@@ -314,9 +356,12 @@ def run_pipeline(
                 )
             extra.append(f"--{stage.checkpoint_into}={checkpoints[stage.checkpoint_from]}")
         checkpoint = str(work_dir / f"{stage.name}-seed{seed}.ckpt") if stage.keep_checkpoint else None
+        if args.last_k:
+            extra = _validation_args(args.val_every) + extra
         spec = {
             "cli_args": _cli_args([*base_configs, stage.config], seed, args.max_steps, args.set, extra),
             "save_checkpoint": checkpoint,
+            "last_k": args.last_k,
         }
         result = _run_in_subprocess(spec, work_dir / f"{stage.name}-seed{seed}.log")
         record = {"method": stage.name, "seed": seed, "config": stage.config, "data": args.data}
@@ -362,7 +407,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--wandb", default=None, metavar="PROJECT", help="also log the records as a W&B Table to this project"
     )
+    parser.add_argument(
+        "--last-k",
+        type=int,
+        default=None,
+        metavar="K",
+        help="also report the median val/acc of the last K validation evaluations (val_acc_last_k_median)",
+    )
+    parser.add_argument(
+        "--val-every",
+        type=int,
+        default=None,
+        metavar="STEPS",
+        help="with --last-k: validate every STEPS steps (default: max-steps / (2 K))",
+    )
     args = parser.parse_args(argv)
+    if args.last_k is not None:
+        if args.last_k < 1:
+            raise SystemExit(f"--last-k must be >= 1; got {args.last_k}")
+        if args.val_every is None:
+            if args.max_steps is None:
+                raise SystemExit("--last-k needs --val-every STEPS (or --max-steps, to derive it)")
+            args.val_every = max(1, args.max_steps // (2 * args.last_k))
+        if args.val_every < 1:
+            raise SystemExit(f"--val-every must be >= 1; got {args.val_every}")
+    elif args.val_every is not None:
+        raise SystemExit("--val-every only applies with --last-k K")
     for path in [
         *args.method_configs,
         args.data,
