@@ -138,6 +138,15 @@ def test_unknown_backbone_lists_valid_names() -> None:
         build_backbone("resnet_9000", 3)
 
 
+def run_bench(tmp_path: Path, *arguments: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """``ssl-modules bench ARGUMENTS --out``, in a fresh process in ``tmp_path``; must succeed."""
+    out = tmp_path / "results.json"
+    command = [sys.executable, "-m", "ssl_modules.cli", "bench", *arguments, "--out", str(out)]
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    return completed, json.loads(out.read_text())
+
+
 def test_bench_writes_contract_records(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
     command = [sys.executable, "-m", "ssl_modules.cli", "bench", str(CONFIGS / "supervised.yaml")]
@@ -169,13 +178,18 @@ def test_bench_writes_contract_records(tmp_path: Path) -> None:
 
 
 def test_bench_last_k_reports_the_median_of_the_last_validation_runs(tmp_path: Path) -> None:
-    out = tmp_path / "results.json"
-    command = [sys.executable, "-m", "ssl_modules.cli", "bench", str(CONFIGS / "supervised.yaml")]
-    command += ["--data", str(CONFIGS / "data" / "digits.yaml"), "--max-steps", "6", "--out", str(out)]
-    command += ["--last-k", "2", "--val-every", "2"]
-    completed = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert completed.returncode == 0, completed.stdout + completed.stderr
-    (record,) = json.loads(out.read_text())
+    completed, (record,) = run_bench(
+        tmp_path,
+        str(CONFIGS / "supervised.yaml"),
+        "--data",
+        str(CONFIGS / "data" / "digits.yaml"),
+        "--max-steps",
+        "6",
+        "--last-k",
+        "2",
+        "--val-every",
+        "2",
+    )
     steps = [step for step, _ in record["val_acc_history"]]
     assert steps == [2, 4, 6]  # every 2 steps, counted across epochs
     last_two = [acc for _, acc in record["val_acc_history"][-2:]]
@@ -241,18 +255,14 @@ def test_recipes_name_existing_configs_and_earlier_stages(recipe: Path) -> None:
 
 
 def test_bench_recipe_hands_checkpoint_to_next_stage(tmp_path: Path) -> None:
-    out = tmp_path / "results.json"
-    command = [
-        sys.executable,
-        "-m",
-        "ssl_modules.cli",
-        "bench",
+    _, records = run_bench(
+        tmp_path,
         str(CONFIGS / "recipes" / "distillation.yaml"),
-    ]
-    command += ["--data", str(CONFIGS / "data" / "digits.yaml"), "--max-steps", "2", "--out", str(out)]
-    completed = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert completed.returncode == 0, completed.stdout + completed.stderr
-    records = json.loads(out.read_text())
+        "--data",
+        str(CONFIGS / "data" / "digits.yaml"),
+        "--max-steps",
+        "2",
+    )
     assert [r["method"] for r in records] == ["distillation-teacher", "distillation"]
     assert records[1]["initialised_from"] == "distillation-teacher"
 
@@ -274,18 +284,14 @@ def test_cli_shows_the_modules_own_error_message(tmp_path: Path) -> None:
 
 
 def test_bench_stage_settings_override_the_global_ones(tmp_path: Path) -> None:
-    out = tmp_path / "results.json"
-    command = [
-        sys.executable,
-        "-m",
-        "ssl_modules.cli",
-        "bench",
+    _, (record,) = run_bench(
+        tmp_path,
         str(CONFIGS / "recipes" / "supervised_all_labels.yaml"),
-    ]
-    command += ["--data", str(CONFIGS / "data" / "digits.yaml"), "--max-steps", "1", "--out", str(out)]
-    completed = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert completed.returncode == 0, completed.stdout + completed.stderr
-    (record,) = json.loads(out.read_text())
+        "--data",
+        str(CONFIGS / "data" / "digits.yaml"),
+        "--max-steps",
+        "1",
+    )
     assert record["method"] == "supervised-all-labels"
     assert record["labels"] > 1000 and record["labels_per_class"] is None  # every training image
 
