@@ -148,13 +148,21 @@ def run_bench(tmp_path: Path, *arguments: str) -> tuple[subprocess.CompletedProc
 
 
 def test_bench_writes_contract_records(tmp_path: Path) -> None:
-    out = tmp_path / "results.json"
-    command = [sys.executable, "-m", "ssl_modules.cli", "bench", str(CONFIGS / "supervised.yaml")]
-    command += ["--data", str(CONFIGS / "data" / "digits.yaml"), "--seeds", "0", "1", "--max-steps", "3"]
-    command += ["--set", "data.labels_per_class=2", "--out", str(out), "--jobs", "2"]
-    completed = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert completed.returncode == 0, completed.stdout + completed.stderr
-    records = json.loads(out.read_text())
+    completed, records = run_bench(
+        tmp_path,
+        str(CONFIGS / "supervised.yaml"),
+        "--data",
+        str(CONFIGS / "data" / "digits.yaml"),
+        "--seeds",
+        "0",
+        "1",
+        "--max-steps",
+        "3",
+        "--set",
+        "data.labels_per_class=2",
+        "--jobs",
+        "2",
+    )
     assert [r["seed"] for r in records] == [0, 1]
     for record in records:
         for key in (
@@ -297,14 +305,21 @@ def test_bench_stage_settings_override_the_global_ones(tmp_path: Path) -> None:
 
 
 def test_bench_downstream_probes_each_pretrained_checkpoint(tmp_path: Path) -> None:
-    out = tmp_path / "results.json"
-    command = [sys.executable, "-m", "ssl_modules.cli", "bench", str(CONFIGS / "rotation.yaml")]
-    command += ["--data", str(CONFIGS / "data" / "digits.yaml"), "--max-steps", "2", "--out", str(out)]
-    command += ["--set", "data.labels_per_class=null", "--set", "data.label_fraction=0.1"]
-    command += ["--downstream", str(CONFIGS / "linear_probe.yaml"), str(CONFIGS / "fine_tune.yaml")]
-    completed = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert completed.returncode == 0, completed.stdout + completed.stderr
-    records = json.loads(out.read_text())
+    _, records = run_bench(
+        tmp_path,
+        str(CONFIGS / "rotation.yaml"),
+        "--data",
+        str(CONFIGS / "data" / "digits.yaml"),
+        "--max-steps",
+        "2",
+        "--set",
+        "data.labels_per_class=null",
+        "--set",
+        "data.label_fraction=0.1",
+        "--downstream",
+        str(CONFIGS / "linear_probe.yaml"),
+        str(CONFIGS / "fine_tune.yaml"),
+    )
     assert [r["method"] for r in records] == ["rotation", "rotation+linear_probe", "rotation+fine_tune"]
     assert all(
         r["label_fraction"] == 0.1 and 120 <= r["labels"] <= 140 for r in records
