@@ -23,6 +23,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 UNKNOWN_LABEL = -1
@@ -369,10 +370,23 @@ class SemiSupervisedDataModule(L.LightningDataModule):
             IndexedSubset(self.train_dataset, self.labeled_indices), self.batch_size, None, False
         )
 
-    def val_dataloader(self) -> DataLoader:
+    @property
+    def has_validation_split(self) -> bool:
+        """Whether there is a validation split (the dataset's own, or ``val_size`` held out of train)."""
         self.setup("validate")
-        dataset = self.val_dataset if self.val_dataset is not None else self.test_dataset
-        return self._loader(dataset, self.batch_size * 2, None, False)
+        return self.val_dataset is not None and len(self.val_dataset) > 0
+
+    def val_dataloader(self) -> DataLoader | list:
+        """The validation split; never the test split. Without one (``val_size=0`` on a dataset
+        with no validation split of its own) validation is off: an empty list, which Lightning
+        reads as "no validation"."""
+        if not self.has_validation_split:
+            rank_zero_info(
+                f"{type(self).__name__}: no validation split (val_size={self.val_size}), so validation is off; "
+                "set data.val_size (e.g. 0.1) to hold out part of train for validation."
+            )
+            return []
+        return self._loader(self.val_dataset, self.batch_size * 2, None, False)
 
     def test_dataloader(self) -> DataLoader:
         self.setup("test")

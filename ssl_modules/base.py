@@ -28,28 +28,54 @@ from ssl_modules.backbones import build_backbone, first_conv_in_channels
 
 
 class WarmupCosine:
-    """LR factor: linear warm-up for ``warmup_steps``, then cosine from 1 to ``final_factor``.
+    """LR factor: linear warm-up for ``warmup_steps``, then a half cosine from 1 to ``final_factor``.
 
-    ``cycles=0.5`` is the usual half cosine; FixMatch's ``cos(7 pi k / 16 K)`` is ``cycles=7/16``.
-    A pure function of the step, so a resumed run continues exactly.
+    ``factor(k) = (k + 1) / W`` for ``k < W``, then with ``p = min(1, (k - W) / (K - W))``::
+
+        factor(k) = final + (1 - final) * (1 + cos(pi * p)) / 2
+
+    so 1 at the end of the warm-up, ``(1 + final) / 2`` half-way, ``final`` at ``K``. A pure
+    function of the step, so a resumed run continues exactly.
+
+    - [0] SGDR (cosine annealing), Loshchilov & Hutter, 2017, https://arxiv.org/abs/1608.03983
     """
 
-    def __init__(
-        self, total_steps: int, warmup_steps: int = 0, final_factor: float = 0.0, cycles: float = 0.5
-    ):
+    def __init__(self, total_steps: int, warmup_steps: int = 0, final_factor: float = 0.0) -> None:
+        if warmup_steps < 0 or not 0.0 <= final_factor <= 1.0:
+            raise ValueError(
+                f"warmup_steps must be >= 0 and final_factor in [0, 1]; got {warmup_steps}, {final_factor}"
+            )
         self.total_steps = max(1, int(total_steps))
         self.warmup_steps = int(warmup_steps)
         self.final_factor = final_factor
-        self.cycles = cycles
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
         progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
-        cosine = math.cos(2 * math.pi * self.cycles * progress)
-        if self.cycles == 0.5:
-            cosine = 0.5 * (1 + cosine)
-        return self.final_factor + (1 - self.final_factor) * max(0.0, cosine)
+        return self.final_factor + (1 - self.final_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class FixMatchCosine:
+    """FixMatch's LR factor ``cos(7 pi k / (16 K))`` at step ``k`` of ``K``: 1 at the start,
+    ``cos(7 pi / 32) = 0.773`` half-way, ``cos(7 pi / 16) = 0.195`` at the end, never 0.
+
+    ``fraction`` is the ``7/16``: the factor is ``cos(fraction * pi * k / K)``, clamped at ``K``.
+    A pure function of the step.
+
+    - [0] FixMatch, Sohn et al., 2020, https://arxiv.org/abs/2001.07685 (section 4, "cosine
+      learning rate decay ... eta cos(7 pi k / 16 K)")
+    """
+
+    def __init__(self, total_steps: int, fraction: float = 7 / 16) -> None:
+        if not 0.0 < fraction < 0.5:
+            raise ValueError(f"fraction must be in (0, 0.5) so the factor stays > 0; got {fraction}")
+        self.total_steps = max(1, int(total_steps))
+        self.fraction = fraction
+
+    def __call__(self, step: int) -> float:
+        progress = min(1.0, step / self.total_steps)
+        return math.cos(self.fraction * math.pi * progress)
 
 
 def _images_to_float(batch: Any) -> Any:

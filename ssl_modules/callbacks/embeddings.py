@@ -2,7 +2,7 @@
 
 - ``log_views``: the augmented views of a few images, side by side (one row per image).
 - ``log_alignment_uniformity``: Wang & Isola's two numbers on a batch of positive pairs.
-- ``EmbeddingPlotCallback``: every few epochs, a 2-D t-SNE of the test-set features coloured
+- ``EmbeddingPlotCallback``: every few epochs, a 2-D t-SNE of the validation-split features coloured
   by class. Add it to the trainer, e.g. in a trainer config::
 
       trainer:
@@ -92,11 +92,14 @@ def tsne_plot(
 
 
 class EmbeddingPlotCallback(L.Callback):
-    """Every ``every_n_epochs`` validation epochs, log a t-SNE of the test-set ``embed`` features.
+    """Every ``every_n_epochs`` validation epochs, log a t-SNE of the validation-split ``embed`` features.
+
+    Only the validation split is embedded during training: the test split is looked at once, at
+    the end. Without a validation split (``val_size=0``) the callback does nothing.
 
     Args:
         every_n_epochs: plot frequency, in epochs.
-        max_points: at most this many test images (the first ones) enter the plot.
+        max_points: at most this many validation images (the first ones) enter the plot.
         key: the logged image's key.
     """
 
@@ -117,8 +120,10 @@ class EmbeddingPlotCallback(L.Callback):
         datamodule = getattr(trainer, "datamodule", None)
         if datamodule is None or not hasattr(pl_module, "embed"):
             return
+        if not getattr(datamodule, "has_validation_split", False):
+            return
         features, labels, count = [], [], 0
-        for images, targets in datamodule.test_dataloader():
+        for images, targets in datamodule.val_dataloader():
             features.append(pl_module.embed(to_float_images(images.to(pl_module.device))).float().cpu())
             labels.append(targets)
             count += len(targets)
@@ -126,5 +131,8 @@ class EmbeddingPlotCallback(L.Callback):
                 break
         plot = tsne_plot(torch.cat(features)[: self.max_points], torch.cat(labels)[: self.max_points])
         log_image_grid(
-            pl_module, self.key, plot[None], caption=f"t-SNE of test features, epoch {trainer.current_epoch}"
+            pl_module,
+            self.key,
+            plot[None],
+            caption=f"t-SNE of validation features, epoch {trainer.current_epoch}",
         )

@@ -109,6 +109,10 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
                 counter["images"] += int(inputs[0].shape[0])
 
         backbone.register_forward_hook(count_images)
+    if spec.get("last_k") and not datamodule.has_validation_split:
+        raise ValueError(
+            NO_VALIDATION_MESSAGE.format(data=type(datamodule).__name__, val_size=datamodule.val_size)
+        )
     history = ValidationHistory()
     trainer.callbacks.append(history)  # read at every validation end, so appending before fit works
     if torch.cuda.is_available():
@@ -140,6 +144,27 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         "other_metrics": {k: float(v) for k, v in results.items() if k != "test/acc"},
         **last_k_summary(history.steps, history.accuracies, spec.get("last_k")),
     }
+
+
+NO_VALIDATION_MESSAGE = (
+    "--last-k selects nothing on the test split, so it needs a validation split, and {data} has none "
+    "(val_size={val_size}); hold part of train out for validation with --set data.val_size=0.1 "
+    "(or give the dataset a val/ split)."
+)
+
+
+def require_validation_split(base_configs: list[str], method_config: str, overrides: list[str]) -> None:
+    """Refuse ``--last-k`` before any run starts when the data configuration has no validation
+    split: the history would otherwise be empty (``val_dataloader`` never serves the test split)."""
+    from ssl_modules.cli import build_cli
+
+    args = _cli_args([*base_configs, method_config], 0, None, overrides)
+    cli = build_cli(args=args, run=False, trainer_defaults=dict(BENCH_TRAINER_DEFAULTS), save_config=False)
+    datamodule = cli.datamodule
+    if not datamodule.has_validation_split:
+        raise SystemExit(
+            NO_VALIDATION_MESSAGE.format(data=type(datamodule).__name__, val_size=datamodule.val_size)
+        )
 
 
 def last_k_summary(steps: list[int], accuracies: list[float], last_k: int | None) -> dict[str, Any]:
@@ -443,6 +468,8 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"config file {path!r} does not exist")
 
     base_configs = [args.data] + ([args.trainer] if args.trainer else [])
+    if args.last_k is not None:
+        require_validation_split(base_configs, args.method_configs[0], args.set)
     pipelines = [plan_stages(config, args.downstream) for config in args.method_configs]
     jobs = [(index, seed, stages) for index, stages in enumerate(pipelines) for seed in args.seeds]
     progress = _Progress(total=sum(len(stages) for _, _, stages in jobs))

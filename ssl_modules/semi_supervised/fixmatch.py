@@ -11,7 +11,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from ssl_modules.augment import weak_augmentation
 from ssl_modules.augment.strong import strong_augmentation
-from ssl_modules.base import ClassifierModule, WarmupCosine, split_batch
+from ssl_modules.base import ClassifierModule, FixMatchCosine, split_batch
 from ssl_modules.callbacks import log_image_grid
 from ssl_modules.ema import warmup_ema_decay, warn_if_ema_outlasts_run
 from ssl_modules.losses.semi_supervised import FixMatchLoss, entropy_loss
@@ -161,4 +161,4 @@ class FixMatchModule(ClassifierModule):
 
     def default_scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
         total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(total, cycles=7 / 16))
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, FixMatchCosine(total))
