@@ -10,6 +10,7 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
+import pytest
 import torch
 
 from datamodules import SyntheticDataModule
@@ -114,13 +115,14 @@ def test_embedding_plot_callback_embeds_validation_images(tmp_path: Path) -> Non
     assert 6 in seen  # the validation split (6 images) was embedded in one batch; test never read
 
 
-def test_bench_last_k_is_refused_without_a_validation_split(tmp_path: Path) -> None:
+@pytest.mark.parametrize("config", ["supervised.yaml", "recipes/supervised_all_labels.yaml"])
+def test_bench_last_k_is_refused_without_a_validation_split(tmp_path: Path, config: str) -> None:
     command = [
         sys.executable,
         "-m",
         "ssl_modules.cli",
         "bench",
-        str(CONFIGS / "supervised.yaml"),
+        str(CONFIGS / config),
         "--data",
         str(CONFIGS / "data" / "digits.yaml"),
         "--max-steps",

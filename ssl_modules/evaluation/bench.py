@@ -469,7 +469,8 @@ def main(argv: list[str] | None = None) -> None:
 
     base_configs = [args.data] + ([args.trainer] if args.trainer else [])
     if args.last_k is not None:
-        require_validation_split(base_configs, args.method_configs[0], args.set)
+        first = plan_stages(args.method_configs[0], None)[0]
+        require_validation_split(base_configs, first.config, [*args.set, *first.overrides])
     pipelines = [plan_stages(config, args.downstream) for config in args.method_configs]
     jobs = [(index, seed, stages) for index, stages in enumerate(pipelines) for seed in args.seeds]
     progress = _Progress(total=sum(len(stages) for _, _, stages in jobs))
