@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup demo test lint format bench clean mutation throughput gpu-check
 
 # torch/torchvision are pinned to the builds pip serves from this machine's disk (a CUDA build
 # that runs on CPU); the package itself only asks for torch>=2.4.
@@ -38,3 +38,19 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs lightning_logs .pytest_cache .ruff_cache
+
+# Mutation testing (slow, not part of `make test`): plants faults one at a time in a copy of the
+# code and counts those the tests miss; see benchmarks/mutation.py. Narrow it with e.g.
+# MUTATION_ARGS="--kind method --only fixmatch"; results in benchmarks/results/mutation.json.
+mutation: $(STAMP)
+	$(BIN)/python benchmarks/mutation.py --jobs $${MUTATION_JOBS:-2} $(MUTATION_ARGS)
+
+# Training throughput, side by side (library path vs per-image loader vs the limit); on a CPU at
+# the small sizes, on a GPU at full size: `make throughput THROUGHPUT_ARGS="--workers 2 8"`.
+throughput: $(STAMP)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/python benchmarks/throughput.py $${THROUGHPUT_ARGS:---small --device cpu}
+
+# The one-command GPU check (benchmarks/gpu_check.sh): run it on a GPU machine from the checkout;
+# `bash benchmarks/prepare_gpu_wheels.sh` first, where it has network, for a machine without.
+gpu-check:
+	bash benchmarks/gpu_check.sh --out $${OUT:-gpu_check_out}

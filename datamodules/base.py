@@ -358,10 +358,17 @@ class SemiSupervisedDataModule(L.LightningDataModule):
         # pool) draws a labeled batch at every step, each labeled image about equally often.
         repeats = max(1, math.ceil(steps * self.batch_size / len(self.labeled_indices)))
         labeled = IndexedSubset(self.train_dataset, np.tile(self.labeled_indices, repeats))
-        return {
-            "labeled": self._loader(labeled, self.batch_size, self.shuffle_seed, drop_last=True),
-            "unlabeled": self._loader(unlabeled, unlabeled_batch, self.shuffle_seed + 1, drop_last=True),
-        }
+        loaders = {"labeled": self._loader(labeled, self.batch_size, self.shuffle_seed, drop_last=True)}
+        # A method that never reads the unlabeled batch says so with ``uses_unlabeled = False``
+        # (SupervisedModule) and gets the labeled loader alone: no unlabeled images are read.
+        # Its batches and epoch length stay the same (``repeats`` makes the labeled loader at
+        # least as long as the unlabeled one, and an epoch is the longer of the two).
+        trainer = getattr(self, "trainer", None)
+        if getattr(trainer.lightning_module if trainer is not None else None, "uses_unlabeled", True):
+            loaders["unlabeled"] = self._loader(
+                unlabeled, unlabeled_batch, self.shuffle_seed + 1, drop_last=True
+            )
+        return loaders
 
     def labeled_dataloader(self) -> DataLoader:
         """Each labeled image once, in order: for fitting linear probes and kNN banks."""

@@ -71,7 +71,7 @@ class CIFAR10DataModule(_CIFARDataModule):
         root: folder holding ``cifar-10-batches-py/``.
         download: fetch missing files with torchvision (needs network).
         image_size: images are resized (bilinear, antialiased) to this size if not 32.
-        (the rest as in ``SemiSupervisedDataModule``)
+        the rest: as in ``SemiSupervisedDataModule``.
 
     Images leave as uint8 tensors of shape (3, image_size, image_size).
     """
@@ -123,7 +123,7 @@ class CIFAR100DataModule(_CIFARDataModule):
         root: folder holding ``cifar-100-python/``.
         download: fetch missing files with torchvision (needs network).
         image_size: images are resized (bilinear, antialiased) to this size if not 32.
-        (the rest as in ``SemiSupervisedDataModule``)
+        the rest: as in ``SemiSupervisedDataModule``.
 
     Images leave as uint8 tensors of shape (3, image_size, image_size).
     """

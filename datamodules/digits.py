@@ -21,7 +21,7 @@ class DigitsDataModule(SemiSupervisedDataModule):
         image_size: images are upsampled (bilinear) from 8x8 to this size, so that methods
             which cut images into tiles (jigsaw) have pixels to work with.
         test_size: fraction of the 1,797 images kept for ``test/acc``.
-        (the rest as in ``SemiSupervisedDataModule``)
+        the rest: as in ``SemiSupervisedDataModule``.
 
     Images leave as uint8 tensors of shape (1, image_size, image_size).
     """

@@ -76,7 +76,7 @@ class MNISTDataModule(_IDXDataModule):
         root: folder holding ``MNIST/raw/``.
         download: fetch missing files with torchvision (needs network).
         image_size: images are resized (bilinear, antialiased) to this size if not 28.
-        (the rest as in ``SemiSupervisedDataModule``)
+        the rest: as in ``SemiSupervisedDataModule``.
 
     Images leave as uint8 tensors of shape (1, image_size, image_size).
     """
@@ -125,7 +125,7 @@ class FashionMNISTDataModule(_IDXDataModule):
         root: folder holding ``FashionMNIST/raw/``.
         download: fetch missing files with torchvision (needs network).
         image_size: images are resized (bilinear, antialiased) to this size if not 28.
-        (the rest as in ``SemiSupervisedDataModule``)
+        the rest: as in ``SemiSupervisedDataModule``.
 
     Images leave as uint8 tensors of shape (1, image_size, image_size).
     """

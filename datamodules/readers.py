@@ -264,7 +264,7 @@ class DownloadableDataModule(SemiSupervisedDataModule):
     Args:
         root: the folder torchvision's dataset class would be given as ``root``.
         download: fetch missing files (needs network).
-        (the rest as in ``SemiSupervisedDataModule``)
+        the rest: as in ``SemiSupervisedDataModule``.
     """
 
     dataset_name: str = "dataset"

@@ -39,7 +39,7 @@ class STL10DataModule(DownloadableDataModule):
         image_size: images are resized (bilinear, antialiased) to this size, batch by batch
             as they are read, if not 96.
         use_unlabeled: add the 100k unlabeled images to the unlabeled pool.
-        (the rest as in ``SemiSupervisedDataModule``)
+        the rest: as in ``SemiSupervisedDataModule``.
 
     Images leave as uint8 tensors of shape (3, image_size, image_size).
     """

@@ -26,7 +26,7 @@ class SVHNDataModule(DownloadableDataModule):
         image_size: images are resized (bilinear, antialiased) to this size if not 32.
         extra_as_unlabeled: add the 531,131 "extra" images to the unlabeled pool (held in
             memory: about 1.6 GB). Their ``y_hidden`` is their true label.
-        (the rest as in ``SemiSupervisedDataModule``)
+        the rest: as in ``SemiSupervisedDataModule``.
 
     Images leave as uint8 tensors of shape (3, image_size, image_size).
     """

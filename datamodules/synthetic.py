@@ -18,9 +18,10 @@ class SyntheticDataModule(SemiSupervisedDataModule):
         num_classes: number of classes (patterns).
         channels: 1 (grayscale) or 3 (RGB).
         image_size: side of the square images.
-        train_per_class, test_per_class: images generated per class for each split.
+        train_per_class: images generated per class for the train split.
+        test_per_class: images generated per class for the test split.
         seed: seed of the patterns and samples (independent of ``split_seed``).
-        (the rest as in ``SemiSupervisedDataModule``)
+        the rest: as in ``SemiSupervisedDataModule``.
 
     Images leave as uint8 tensors of shape (channels, image_size, image_size).
     """

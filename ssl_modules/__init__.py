@@ -1,8 +1,11 @@
 """ssl-modules: PyTorch Lightning modules for learning from unlabeled data.
 
-``__all__`` lists the public LightningModules; the conformance tests walk it.
+``__all__`` lists the public LightningModules; the conformance tests walk it. ``load_backbone``
+(the backbone of any checkpoint, with the weights its method evaluates with) is exported too;
+the rest of that API is in ``ssl_modules.export``.
 """
 
+from ssl_modules.export import load_backbone as load_backbone
 from ssl_modules.self_supervised.barlow_twins import BarlowTwinsModule
 from ssl_modules.self_supervised.byol import BYOLModule
 from ssl_modules.self_supervised.colorization import ColorizationPretext

@@ -5,6 +5,11 @@
   CIFAR experiments (3x3 stride-1 first convolution, no max-pool).
   - [0] ResNet, He et al., 2016, https://arxiv.org/abs/1512.03385
   - [1] SimCLR (CIFAR stem, appendix B.9), Chen et al., 2020, https://arxiv.org/abs/2002.05709
+- ``"wrn_28_2"``, ``"wrn_28_8"``, ``"wrn_37_2"``: the Wide ResNets of the semi-supervised
+  protocol (FixMatch and its successors: WRN-28-2 for CIFAR-10 and SVHN, WRN-28-8 for
+  CIFAR-100, WRN-37-2 for STL-10), in FixMatch's variant (``WideResNet``).
+  - [2] Wide ResNet, Zagoruyko & Komodakis, 2016, https://arxiv.org/abs/1605.07146
+  - [3] FixMatch (backbones, appendix), Sohn et al., 2020, https://arxiv.org/abs/2001.07685
 - any torchvision classification model by its name (``torchvision.models.list_models``),
   e.g. ``"resnet34"``, ``"efficientnet_b0"``, ``"convnext_tiny"``: its first convolution is
   rebuilt for the data's channels and its classifier replaced by the identity. Weights are
@@ -59,6 +64,146 @@ class SmallConvNet(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.features(images)
+
+
+# FixMatch's variant of the Wide ResNet: leaky ReLU (slope 0.1) instead of ReLU, and BatchNorm
+# with TensorFlow's momentum 0.999 (PyTorch's momentum is 1 - that) and epsilon 1e-3.
+WRN_LEAKY_SLOPE = 0.1
+WRN_BN_MOMENTUM = 0.001
+WRN_BN_EPS = 1e-3
+
+
+def _wrn_norm(channels: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, eps=WRN_BN_EPS, momentum=WRN_BN_MOMENTUM)
+
+
+class _WideBlock(nn.Module):
+    """Pre-activation residual block: ``shortcut(x) + conv(act(bn(conv(act(bn(x))))))``.
+
+    As in FixMatch's reference (TensorFlow ``libml/models.py``): the first convolution always
+    sees the activated input; the shortcut sees the raw input (a 1x1 convolution where the
+    width or stride changes), except in the first block of the network
+    (``activate_before_residual``), whose shortcut also takes the activated input.
+    """
+
+    def __init__(self, cin: int, cout: int, stride: int, activate_before_residual: bool) -> None:
+        super().__init__()
+        self.bn1 = _wrn_norm(cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = _wrn_norm(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, stride=1, padding=1, bias=False)
+        self.act = nn.LeakyReLU(WRN_LEAKY_SLOPE)
+        self.shortcut = (
+            nn.Conv2d(cin, cout, 1, stride=stride, bias=False) if cin != cout or stride != 1 else None
+        )
+        self.activate_before_residual = activate_before_residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        activated = self.act(self.bn1(x))
+        residual = activated if self.activate_before_residual else x
+        out = self.conv2(self.act(self.bn2(self.conv1(activated))))
+        if self.shortcut is not None:
+            residual = self.shortcut(residual)
+        return residual + out
+
+
+class WideResNet(nn.Module):
+    """Wide ResNet WRN-d-k in FixMatch's variant; the classifier is the module's own Linear.
+
+    A 3x3 stem with 16 channels, then ``groups`` groups of ``blocks_per_group`` pre-activation
+    blocks of widths ``16k, 32k, 64k (, 128k)`` (stride 1 for the first group, 2 for the others),
+    then BatchNorm + leaky ReLU and global average pooling. The depth counts the convolutions:
+    ``d = 1 (stem) + 2 * groups * blocks_per_group + groups (1x1 shortcuts)``, so
+    3 groups of 4 blocks are WRN-28 and 4 groups of 4 blocks WRN-37 (FixMatch's STL-10 network,
+    whose fourth group handles the 96 px images). Convolutions have no bias, as in the PyTorch
+    references (the TensorFlow reference keeps them: +2,032 parameters for WRN-28-2).
+
+    Parameters, with a 10-class (WRN-28-8: 100-class) classifier as counted in the papers:
+    WRN-28-2 1,467,610 (published 1.47 M / "1.5 M"), WRN-28-8 23,401,012 (23.4 M), WRN-37-2
+    5,929,434 (5.9 M); without the classifier 1,466,320, 23,349,712 and 5,926,864.
+
+    Initialisation of the reference implementations: convolutions He-normal with fan-out
+    (std ``sqrt(2 / (k * k * out_channels))``), BatchNorm weight 1 and bias 0. The classifier
+    (Xavier-normal weight, zero bias in the reference) is the module's; ``init_classifier``
+    applies the reference's initialisation to one.
+
+    - [0] Wide ResNet, Zagoruyko & Komodakis, 2016, https://arxiv.org/abs/1605.07146
+    - [1] FixMatch (WRN-28-2, WRN-28-8, WRN-37-2; leaky ReLU 0.1, BN momentum 0.999), Sohn et al.,
+      2020, https://arxiv.org/abs/2001.07685
+
+    Args:
+        channels: input channels.
+        widen_factor: k.
+        groups: 3 (WRN-28) or 4 (WRN-37).
+        blocks_per_group: 4 for both.
+        drop_rate: dropout before the features, as for every backbone here (FixMatch: 0).
+
+    Shape: (batch_size, channels, H, W) -> (batch_size, 16 * k * 2 ** (groups - 1)).
+    """
+
+    def __init__(
+        self,
+        channels: int = 3,
+        widen_factor: int = 2,
+        groups: int = 3,
+        blocks_per_group: int = 4,
+        drop_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if widen_factor < 1 or groups < 1 or blocks_per_group < 1:
+            raise ValueError(
+                f"widen_factor, groups and blocks_per_group must be >= 1; got {widen_factor}, {groups}, "
+                f"{blocks_per_group}"
+            )
+        widths = [16 * widen_factor * 2**group for group in range(groups)]
+        layers: list[nn.Module] = [nn.Conv2d(channels, 16, 3, padding=1, bias=False)]
+        cin = 16
+        for group, width in enumerate(widths):
+            for block in range(blocks_per_group):
+                first = block == 0
+                layers.append(
+                    _WideBlock(
+                        cin if first else width,
+                        width,
+                        stride=2 if first and group > 0 else 1,
+                        activate_before_residual=first and group == 0,
+                    )
+                )
+            cin = width
+        layers += [
+            _wrn_norm(cin),
+            nn.LeakyReLU(WRN_LEAKY_SLOPE),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Dropout(drop_rate),
+        ]
+        self.features = nn.Sequential(*layers)
+        self.num_features = cin
+        self.depth = 1 + 2 * groups * blocks_per_group + groups
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="leaky_relu")
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.features(images)
+
+    @staticmethod
+    def init_classifier(layer: nn.Linear) -> nn.Linear:
+        """The reference's classifier initialisation: Xavier-normal weight, zero bias."""
+        nn.init.xavier_normal_(layer.weight)
+        if layer.bias is not None:
+            nn.init.zeros_(layer.bias)
+        return layer
+
+
+def _wide_resnet(widen_factor: int, groups: int) -> Callable[..., nn.Module]:
+    def build(channels: int, drop_rate: float = 0.0) -> nn.Module:
+        return WideResNet(channels, widen_factor=widen_factor, groups=groups, drop_rate=drop_rate)
+
+    return build
 
 
 def _replace_first_conv(model: nn.Module, channels: int, small_stem: bool) -> None:
@@ -135,6 +280,9 @@ _BUILTIN: dict[str, Callable[..., nn.Module]] = {
     "small_cnn_wide": lambda channels, drop_rate=0.0: SmallConvNet(channels, width=64, drop_rate=drop_rate),
     "resnet18": _resnet("resnet18"),
     "resnet50": _resnet("resnet50"),
+    "wrn_28_2": _wide_resnet(2, groups=3),
+    "wrn_28_8": _wide_resnet(8, groups=3),
+    "wrn_37_2": _wide_resnet(2, groups=4),
 }
 
 

@@ -11,6 +11,7 @@ own ``training_step``.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from collections.abc import Iterable, Sequence
@@ -117,6 +118,104 @@ def load_pretrained_backbone_state(path: str | Path) -> tuple[dict[str, torch.Te
     return backbone, dict(checkpoint.get("hyper_parameters", {}))
 
 
+def _arguments_to_forget(module: nn.Module, frame: Any) -> list[str]:
+    """The recorded ``__init__`` arguments that ``type(module)(**hparams)`` would refuse.
+
+    Lightning's ``save_hyperparameters`` records the arguments of every ``__init__`` on the way
+    from the concrete class down to ``SSLModuleBase``, and ``load_from_checkpoint`` passes them
+    all back to a class whose ``__init__`` takes ``**kwargs`` (it filters them by the signature
+    otherwise). A subclass written ``def __init__(self, *args, **kwargs)`` over ``SimCLRModule``
+    then receives ``backbone_channels``, an argument of ``SelfSupervisedModule`` that
+    ``SimCLRModule`` does not take (``allow_class_mismatch`` under ``FixMatchModule``):
+    ``TypeError: unexpected keyword argument``.
+
+    Going down from the concrete class through each ``**kwargs`` to the first ``__init__``
+    without one: when that is a class of this library, the arguments of the classes below it
+    that none of these declare are forgotten (this library reads none of them from
+    ``self.hparams``; its bases keep them as attributes). Nothing is forgotten for a concrete
+    class without ``**kwargs`` or when the first class without one is the user's (whose code
+    may read ``self.hparams``).
+
+    Args:
+        frame: the frame of ``SSLModuleBase.__init__``.
+    """
+    levels: list[tuple[type, inspect.Signature]] = []  # from the concrete class down to the base
+    while frame is not None and frame.f_code.co_name == "__init__":
+        owner = next(
+            (
+                cls
+                for cls in type(module).__mro__
+                if getattr(cls.__dict__.get("__init__"), "__code__", None) is frame.f_code
+            ),
+            None,
+        )
+        if owner is None or frame.f_locals.get(frame.f_code.co_varnames[0]) is not module:
+            break
+        levels.insert(0, (owner, inspect.signature(owner.__init__)))
+        frame = frame.f_back
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+
+    def names(signature: inspect.Signature) -> set[str]:
+        return {p.name for p in list(signature.parameters.values())[1:] if p.kind in named}
+
+    def forwards(signature: inspect.Signature) -> bool:
+        return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
+
+    if not levels or not forwards(levels[0][1]):
+        return []
+    reachable: set[str] = set()
+    for depth, (owner, signature) in enumerate(levels):
+        reachable |= names(signature)
+        if not forwards(signature):
+            if owner.__module__.split(".")[0] != "ssl_modules":
+                return []
+            below = set().union(*(names(sig) for _, sig in levels[depth + 1 :]))
+            return sorted(below - reachable)
+    return []
+
+
+def _plain(value: Any) -> bool:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    return isinstance(value, (list, tuple)) and all(_plain(item) for item in value)
+
+
+def _datamodule_record(datamodule: Any) -> dict[str, Any] | None:
+    """``{"class_path", "init_args"}`` of a datamodule, its arguments read back from the
+    attributes of the same name (as the datamodules here keep them); None when a required
+    argument cannot be read back."""
+    if type(datamodule).__module__.split(".")[0] != "datamodules":
+        return None  # only the library's datamodules are rebuilt from a checkpoint
+    init_args: dict[str, Any] = {}
+    parameters = list(inspect.signature(type(datamodule).__init__).parameters.values())[1:]
+    for parameter in parameters:
+        if parameter.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            continue
+        value = getattr(datamodule, parameter.name, inspect.Parameter.empty)
+        if isinstance(value, Path):
+            value = str(value)
+        if value is inspect.Parameter.empty or not _plain(value):
+            if parameter.default is inspect.Parameter.empty:
+                return None
+            continue
+        init_args[parameter.name] = value
+    return {
+        "class_path": f"{type(datamodule).__module__}.{type(datamodule).__qualname__}",
+        "init_args": init_args,
+    }
+
+
+IMAGE_RANGE_TOLERANCE = 1e-3  # float images may exceed [0, 1] by rounding, not more
+
+
+class ReseedEachStep(L.Callback):
+    """Calls ``pl_module.reseed_for_step()`` at the start of every training batch (callback hooks
+    run before the module's own ``on_train_batch_start``)."""
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        pl_module.reseed_for_step()
+
+
 class SSLModuleBase(L.LightningModule):
     """Base of every module. Subclasses call ``super().__init__`` with the data facts.
 
@@ -124,7 +223,8 @@ class SSLModuleBase(L.LightningModule):
         num_classes: classes of the downstream task (linked from the datamodule).
         channels: image channels (linked).
         image_size: image side in pixels (linked).
-        mean, std: per-channel normalisation (linked). Shape: (channels,)
+        mean: per-channel mean of the images in [0, 1] (linked). Shape: (channels,)
+        std: per-channel standard deviation (linked). Shape: (channels,)
         horizontal_flip: whether mirrored images keep their class (linked).
         lr: base learning rate of the method's default optimizer.
         weight_decay: weight decay of the method's default optimizer.
@@ -156,7 +256,10 @@ class SSLModuleBase(L.LightningModule):
             )
         if lr <= 0:
             raise ValueError(f"lr must be > 0; got {lr}")
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        # the concrete class's arguments (a subclass's own and those it forwards with **kwargs),
+        # so that ``type(self).load_from_checkpoint(path)`` can pass them all back
+        forget = _arguments_to_forget(self, inspect.currentframe())
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", *forget])
         self.num_classes = num_classes
         self.channels = channels
         self.image_size = image_size
@@ -172,16 +275,65 @@ class SSLModuleBase(L.LightningModule):
 
     # -- inputs -----------------------------------------------------------------------
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        # Images travel as uint8 (4x less host->device traffic) and become floats on the device.
+        """Images travel as uint8 (4x less host->device traffic) and become floats on the device.
+        An override of this hook must call ``super()``: it fails loudly without it (the images
+        stay uint8)."""
         return _images_to_float(batch)
 
-    def check_images(self, images: torch.Tensor) -> None:
+    def configure_callbacks(self) -> list[L.Callback]:
+        """``ReseedEachStep``: the per-step reseeding runs in a callback, before the module's own
+        ``on_train_batch_start``, so a subclass may override that hook without ``super()``. A
+        subclass that overrides ``configure_callbacks`` must include ``super().configure_callbacks()``."""
+        return [ReseedEachStep()]
+
+    def reseed_for_step(self) -> None:
+        """Seed the global RNG from (seed, step, rank), before each training step's augmentation.
+
+        Augmentation and dropout draw from the global RNG; reseeding from (seed, step, rank)
+        makes a resumed run draw exactly what the uninterrupted run drew, whatever the RNG
+        state the resumed process started with or consumed while setting up its loaders.
+        """
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        torch.manual_seed((seed * 1_000_003 + self.global_step * 7_919 + self.global_rank) % (2**63))
+
+    def check_images(self, images: torch.Tensor, check_range: bool = False) -> None:
+        """Refuse images this model cannot take: not (batch, channels, H, W), not uint8 or float,
+        or (``check_range``) float values outside [0, 1] (costs one host synchronisation)."""
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"expected images as a torch.Tensor; got {type(images).__name__}")
         if images.ndim != 4 or images.shape[1] != self.channels:
             raise ValueError(
                 f"expected images of shape (batch, {self.channels}, H, W); got {tuple(images.shape)}. "
                 f"The model was built for {self.channels} channel(s): build it with channels={images.shape[1] if images.ndim == 4 else '?'} "
                 "(the CLI links it from the datamodule) or convert the images."
             )
+        if images.dtype != torch.uint8 and not images.is_floating_point():
+            raise ValueError(
+                f"expected uint8 images in [0, 255] or float images in [0, 1]; got dtype {images.dtype}. "
+                "Convert them with images.to(torch.uint8) (values 0-255) or images.float() / 255."
+            )
+        if check_range and images.is_floating_point() and images.numel():
+            low, high = (float(v) for v in torch.aminmax(images.detach()))
+            if low < -IMAGE_RANGE_TOLERANCE or high > 1 + IMAGE_RANGE_TOLERANCE:
+                hint = (
+                    "they look like 0-255 values: divide by 255 (or pass them as uint8)"
+                    if low >= -IMAGE_RANGE_TOLERANCE and high > 2
+                    else "they look normalised already: pass the images before normalisation "
+                    "(the model normalises with its own mean/std)"
+                )
+                raise ValueError(
+                    f"expected float images in [0, 1] (or uint8 in [0, 255]), as the datamodules yield them; "
+                    f"got values in [{low:.4g}, {high:.4g}]: {hint}."
+                )
+
+    def as_unit_float(self, images: torch.Tensor) -> torch.Tensor:
+        """Images as the datamodules yield them -> float in [0, 1]: uint8 is divided by 255,
+        float is checked to lie in [0, 1]; anything else is refused with the fix. The value check
+        is skipped inside the training loop, whose batches are converted already (it would
+        synchronise the host at every step)."""
+        in_training_loop = self._trainer is not None and self.trainer.training
+        self.check_images(images, check_range=not in_training_loop)
+        return to_float_images(images)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """Float images in [0, 1] -> standardised with the data's mean/std."""
@@ -215,12 +367,15 @@ class SSLModuleBase(L.LightningModule):
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        # Augmentation and dropout draw from the global RNG; reseeding from (seed, step, rank)
-        # makes a resumed run draw exactly what the uninterrupted run drew, whatever the RNG
-        # state the resumed process started with or consumed while setting up its loaders.
-        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        torch.manual_seed((seed * 1_000_003 + self.global_step * 7_919 + self.global_rank) % (2**63))
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # what ``ssl_modules.export`` (``ssl-modules predict``) rebuilds the module and its data from
+        record: dict[str, Any] = {"class_path": f"{type(self).__module__}.{type(self).__qualname__}"}
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None:
+            data = _datamodule_record(datamodule)
+            if data is not None:
+                record["datamodule"] = data
+        checkpoint["ssl_modules"] = record
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._trainer is not None and self.trainer.optimizers:
@@ -232,8 +387,9 @@ class SSLModuleBase(L.LightningModule):
 class ClassifierModule(SSLModuleBase):
     """Backbone + linear classifier; supervised and semi-supervised methods derive from it.
 
-    ``val/acc`` and ``test/acc`` are top-1 accuracy of ``evaluation_logits`` (override it to
-    evaluate with an EMA or teacher network).
+    ``val/acc`` and ``test/acc`` are top-1 accuracy of ``evaluation_logits`` (override it, with
+    ``evaluation_backbone``/``evaluation_classifier``, to evaluate with an EMA or teacher
+    network). ``forward`` is the live network; ``embed`` gives the evaluated network's features.
 
     Args:
         backbone: a name accepted by ``ssl_modules.backbones.build_backbone``.
@@ -242,7 +398,7 @@ class ClassifierModule(SSLModuleBase):
             initialise the backbone when fitting starts (e.g. a SimCLR checkpoint).
         allow_class_mismatch: accept a ``pretrained`` checkpoint trained for another number of
             classes (only its backbone is used); without it such a checkpoint is refused.
-        (the rest as in ``SSLModuleBase``)
+        the rest: as in ``SSLModuleBase``.
     """
 
     def __init__(
@@ -314,14 +470,31 @@ class ClassifierModule(SSLModuleBase):
         self.backbone.load_state_dict(state)
         self.pretrained_loaded.fill_(1)
 
+    def evaluation_backbone(self) -> nn.Module:
+        """The backbone behind ``val/acc``/``test/acc`` (overridden where an EMA or teacher is)."""
+        return self.backbone
+
+    def evaluation_classifier(self) -> nn.Module:
+        """The classifier behind ``val/acc``/``test/acc``: ``evaluation_logits`` is this
+        classifier on ``embed``'s features."""
+        return self.classifier
+
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Backbone features. Shape: (batch_size, C, H, W) -> (batch_size, num_features)."""
-        self.check_images(images)
-        return self.backbone(self.normalize(images))
+        """Features of the network the method evaluates with (``evaluation_backbone``: the EMA
+        or teacher where ``test/acc`` uses it), for downstream use.
+
+        Takes images as the datamodules yield them: uint8 in [0, 255] or float in [0, 1];
+        anything else is refused (``as_unit_float``). Call ``model.eval()`` first for inference.
+        Shape: (batch_size, C, H, W) -> (batch_size, num_features).
+        """
+        images = self.as_unit_float(images)
+        return self.evaluation_backbone()(self.normalize(images))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Float images in [0, 1], shape (batch_size, C, H, W) -> logits (batch_size, num_classes)."""
-        return self.classifier(self.embed(images))
+        """The live network: images in [0, 1] (or uint8), shape (batch_size, C, H, W) -> logits
+        (batch_size, num_classes). What training steps call; ``evaluation_logits`` evaluates."""
+        self.check_images(images)
+        return self.classifier(self.backbone(self.normalize(to_float_images(images))))
 
     def evaluation_logits(self, images: torch.Tensor) -> torch.Tensor:
         return self(images)

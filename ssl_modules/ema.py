@@ -28,8 +28,9 @@ def warn_if_ema_outlasts_run(
     """Warn when an EMA's horizon ``1 / (1 - decay)`` exceeds ``fraction`` of the run.
 
     With the warm-up above, such an EMA ends as a near-uniform average of every iterate of the
-    run, early ones included, and lags the live model: FixMatch on the digits (500 steps, seed 1)
-    scored 0.953 with a 0.999 EMA against 0.981 for its live weights. Returns the message (or None).
+    run, early ones included, and lags the live model: FixMatch on the digits (500 steps, median
+    val/acc over 3 seeds) scored 0.917 with a 0.999 EMA against 0.959 for its live weights and 0.966
+    with a 0.99 EMA. Returns the message (or None).
     """
     if decay >= 1.0 or not math.isfinite(total_steps) or total_steps <= 0:
         return None  # a frozen EMA, or a run without a known length

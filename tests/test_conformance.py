@@ -7,7 +7,8 @@
 - a run stopped and resumed from its checkpoint ends with the same parameters as an
   uninterrupted one;
 - the true labels of the unlabeled batch (``y_hidden``) never reach a loss;
-- a 2-process ``ddp_spawn`` fit and a ``bf16-mixed`` fit on CPU.
+- a 2-process ``ddp_spawn`` fit (for the modules in ``DDP_EXACT_KWARGS``: the same parameters and
+  buffers as a 1-process fit on the same global batches) and a ``bf16-mixed`` fit on CPU.
 """
 
 from __future__ import annotations
@@ -184,6 +185,8 @@ class HiddenLabelScrambler(L.Callback):
         self.mode = mode
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if "unlabeled" not in batch:
+            return  # a method that reads no unlabeled images (uses_unlabeled = False) gets none
         hidden = batch["unlabeled"][1]
         if self.mode == "permute":
             hidden.copy_(
@@ -232,13 +235,146 @@ def test_bf16_mixed_fit_on_cpu(name: str) -> None:
     assert recorder.losses and all(math.isfinite(v) for v in recorder.losses)
 
 
+# -- 2-process DDP ---------------------------------------------------------------------------
+# Modules whose 2-process fit is compared with a 1-process fit on the same global batches, where
+# that comparison is exact: BatchNorm in eval mode (per-rank batch statistics are legitimately
+# not global; SyncBatchNorm does not run on CPU) and no random draw inside the step (the random
+# views are replaced by a fixed per-image transform whose two views differ; SupervisedModule
+# without its flip/shift). The other modules keep the smoke check (finite losses, test/acc):
+# their steps draw per-rank randomness that no public switch turns off (FixMatch's and the
+# students' strong augmentation, jigsaw permutations, denoising noise, rotation's and
+# colorization's flip/shift) or keep per-rank statistics (colorization's colour prior).
+DDP_EXACT_KWARGS: dict[str, dict] = {
+    "SupervisedModule": {"augment": False},
+    "SimCLRModule": {"projection_hidden_dim": 16, "projection_dim": 8},
+    "MoCoModule": {"projection_hidden_dim": 16, "projection_dim": 8, "queue_size": 8, "base_momentum": 0.5},
+    "BYOLModule": {"projection_hidden_dim": 16, "projection_dim": 8, "base_momentum": 0.5},
+    "BarlowTwinsModule": {"projection_hidden_dim": 16, "projection_dim": 8},
+}
+DDP_STEPS, DDP_GLOBAL_BATCH = 2, 8
+
+
+class FixedViews(torch.nn.Module):
+    """Replaces the random views of a joint-embedding method: ``make_views`` passes the batch
+    repeated once per view, and row r is view ``r // batch_size`` of its image — view 0 the
+    image, view 1 mirrored, dimmed and lifted. Per image, so a split batch gets the same views."""
+
+    def __init__(self, batch_size: int) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        second = (torch.arange(len(images), device=images.device) // self.batch_size % 2 == 1).view(
+            -1, 1, 1, 1
+        )
+        return torch.where(second, images.flip(-1) * 0.8 + 0.1, images)
+
+
+class FixedGlobalBatches(L.LightningDataModule):
+    """``DDP_STEPS`` fixed global batches of random images, labeled and unlabeled; rank r of w
+    trains on rows ``r * n : (r + 1) * n`` (n = batch / w) of each, the order the losses gather in."""
+
+    def __init__(self, data: SyntheticDataModule) -> None:
+        super().__init__()
+        size = DDP_GLOBAL_BATCH
+        shape = (2 * DDP_STEPS * size, data.channels, data.image_size, data.image_size)
+        generator = torch.Generator().manual_seed(0)
+        # random pixels: their embeddings vary more than the smooth generated images', which keeps
+        # Barlow Twins' per-dimension standardisation well conditioned at initialisation
+        images = torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8)
+        targets = torch.randint(0, data.num_classes, shape[:1], generator=generator)
+        self.batches = [
+            {
+                "labeled": (
+                    images[2 * s * size : (2 * s + 1) * size],
+                    targets[2 * s * size : (2 * s + 1) * size],
+                ),
+                "unlabeled": (images[(2 * s + 1) * size : (2 * s + 2) * size], torch.full((size,), -1)),
+            }
+            for s in range(DDP_STEPS)
+        ]
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        size = DDP_GLOBAL_BATCH // self.trainer.world_size
+        part = slice(self.trainer.global_rank * size, (self.trainer.global_rank + 1) * size)
+        local = [{key: tuple(t[part] for t in pair) for key, pair in batch.items()} for batch in self.batches]
+        return torch.utils.data.DataLoader(local, batch_size=None)
+
+
+class BatchNormInEvalMode(L.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        pl_module.eval()
+
+
+def make_exact_ddp_model(name: str, data: SyntheticDataModule, local_batch: int) -> L.LightningModule:
+    torch.manual_seed(0)
+    model = getattr(ssl_modules, name)(
+        num_classes=data.num_classes,
+        channels=data.channels,
+        image_size=data.image_size,
+        mean=data.mean,
+        std=data.std,
+        horizontal_flip=data.horizontal_flip,
+        **DDP_EXACT_KWARGS[name],
+    )
+    if name != "SupervisedModule":
+        model.augment = FixedViews(local_batch)
+    return model
+
+
+def exact_ddp_fit(name: str, data: SyntheticDataModule) -> tuple[L.LightningModule, L.Trainer]:
+    """A 2-process fit whose parameters and buffers must equal a 1-process fit's on the same batches."""
+    # the same global batches in one process ...
+    single = make_exact_ddp_model(name, data, DDP_GLOBAL_BATCH)
+    initial = {key: value.clone() for key, value in single.state_dict().items()}
+    make_trainer(max_steps=DDP_STEPS, limit_val_batches=0, callbacks=[BatchNormInEvalMode()]).fit(
+        single, datamodule=FixedGlobalBatches(data)
+    )
+    # ... and split over two
+    model = make_exact_ddp_model(name, data, DDP_GLOBAL_BATCH // 2)
+    trainer = make_trainer(
+        devices=2,
+        strategy="ddp_spawn",
+        max_steps=DDP_STEPS,
+        limit_val_batches=0,
+        use_distributed_sampler=False,
+        callbacks=[BatchNormInEvalMode()],
+    )
+    trainer.fit(model, datamodule=FixedGlobalBatches(data))
+    split = model.state_dict()  # rank 0's, sent back by ddp_spawn
+    # compare the updates (the paper optimizers' steps can be small next to the weights) to 1 %,
+    # plus 1e-5 of the largest update: float32 sums in another order differ by ~1e-5 relative,
+    # up to ~1e-3 in Barlow Twins' last layer, whose bias has no gradient at all but rounding
+    expected = {
+        key: value - initial[key] for key, value in single.state_dict().items() if value.is_floating_point()
+    }
+    floor = 1e-5 * max(update.abs().max().item() for update in expected.values())
+    moved = []
+    for key, value in single.state_dict().items():
+        if not value.is_floating_point():
+            assert torch.equal(split[key], value), f"{key} differs between 2 processes and 1"
+            continue
+        scale = expected[key].abs().max().item()
+        worst = (split[key] - initial[key] - expected[key]).abs().max().item()
+        assert worst <= 1e-2 * scale + floor, (
+            f"{key}: update differs by {worst:.2e} (update scale {scale:.2e})"
+        )
+        if scale > 0:
+            moved.append(key)
+    assert any(key.startswith("backbone.") for key in moved), "the steps did not move the backbone"
+    return model, trainer
+
+
 @pytest.mark.parametrize("name", MODULES)
 def test_ddp_spawn_two_processes_on_cpu(name: str) -> None:
     L.seed_everything(0)
     data = make_data(train_per_class=8)
-    model = make_model(name, data)
-    trainer = make_trainer(devices=2, strategy="ddp_spawn", max_steps=2, limit_val_batches=0)
-    trainer.fit(model, datamodule=data)
+    if name in DDP_EXACT_KWARGS:
+        model, trainer = exact_ddp_fit(name, data)
+    else:
+        model = make_model(name, data)
+        trainer = make_trainer(devices=2, strategy="ddp_spawn", max_steps=2, limit_val_batches=0)
+        trainer.fit(model, datamodule=data)
     # ddp_spawn sends rank 0's metrics (not its loop state) back to this process
     losses = {k: float(v) for k, v in trainer.callback_metrics.items() if "loss" in k}
     assert losses and all(math.isfinite(v) for v in losses.values()), losses

@@ -1,18 +1,24 @@
-"""DDP correctness: one step on a global batch split over 2 ranks (gloo, CPU) gives the same
-gradient as the whole batch in one process, for SimCLR, MoCo and Barlow Twins.
+"""DDP correctness: two training steps on a global batch split over 2 ranks (gloo, CPU) give the
+same gradients, and then the same parameters and buffers, as the whole batch in one process,
+for every joint-embedding method: SimCLR (NT-Xent gathers both views with gradients), Barlow
+Twins (gathers both views' embeddings with gradients), MoCo v2 and its symmetric variant
+(enqueues the keys of every rank) and BYOL (no gather: a per-sample mean).
 
-The real modules' ``training_step`` runs on both sides, with two changes that remove what
-legitimately differs between a split and an unsplit batch:
+The real modules' ``training_step`` and ``optimizer_step`` (paper optimizer, then the momentum
+update of MoCo/BYOL) run on both sides, with two changes that remove what legitimately
+differs between a split and an unsplit batch:
 
 - the modules are in **eval mode**, so BatchNorm uses its running statistics (a per-sample
   function) instead of per-rank batch statistics — the batch-level statistics under test are
   the ones the losses compute themselves (NT-Xent's negatives, Barlow Twins' standardisation
-  and cross-correlation), which must be global;
-- the random augmentation is replaced by a fixed per-image transform, so both sides see the
-  same views.
+  and cross-correlation, MoCo's queue), which must be global;
+- the random augmentation is replaced by a fixed per-image transform that depends on the view
+  index, so both sides see the same views and the two views of an image are **distinct**
+  (with identical views, gathering the views in swapped order, or one view twice, would go
+  unnoticed).
 
-The ranks' gradients are averaged with ``all_reduce`` exactly as DDP does. A control run with
-the gather switched off must *not* match, so the test can fail.
+The ranks' gradients are averaged with ``all_reduce`` exactly as DDP does. Control runs with the
+gather switched off must *not* match, so the test can fail.
 """
 
 from __future__ import annotations
@@ -25,43 +31,63 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ssl_modules import BarlowTwinsModule, MoCoModule, SimCLRModule
+from ssl_modules import BarlowTwinsModule, BYOLModule, MoCoModule, SimCLRModule
+from ssl_modules.augment.views import make_views
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*self.trainer. reference is not registered")
 
 WORLD_SIZE = 2
 GLOBAL_BATCH = 8
-METHODS = ["simclr", "moco", "barlow_twins", "simclr_without_gather"]
+STEPS = 2
+METHODS = ["simclr", "moco", "moco_symmetric", "byol", "barlow_twins"]
+CONTROLS = ["simclr_without_gather", "barlow_twins_without_gather"]
 
 
-class FixedViews(torch.nn.Module):
-    """Deterministic per-image 'augmentation': alternately the image and a brightened mirror of it."""
+def view_transform(images: torch.Tensor, view: int) -> torch.Tensor:
+    """View 0: the image; view 1: mirrored, dimmed and lifted. Per image, so a split batch gets the same views."""
+    return images.flip(-1) * 0.8 + 0.1 if view else images
 
-    def __init__(self) -> None:
+
+class DistinctViews(torch.nn.Module):
+    """Replaces ``model.augment``: the k-th block of ``batch_size`` rows it sees in a step is view k
+    (``make_views`` calls it once on the batch repeated per view; a method calling it once per
+    view gets the same)."""
+
+    def __init__(self, batch_size: int) -> None:
         super().__init__()
-        self.calls = 0
+        self.batch_size = batch_size
+        self.blocks = 0
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        return images if self.calls % 2 else (images.flip(-1) * 0.8 + 0.1)
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            out.append(view_transform(images[start : start + self.batch_size], self.blocks))
+            self.blocks += 1
+        return torch.cat(out)
 
 
-def build(method: str) -> torch.nn.Module:
+def build(method: str, batch_size: int) -> torch.nn.Module:
     torch.manual_seed(0)
     facts = dict(num_classes=3, channels=1, image_size=12, mean=(0.5,), std=(0.25,), horizontal_flip=False)
+    small = dict(projection_hidden_dim=16, projection_dim=8)
     if method.startswith("simclr"):
-        model = SimCLRModule(**facts, projection_hidden_dim=16, projection_dim=8)
+        model = SimCLRModule(**facts, **small)
         model.criterion.gather_distributed = method == "simclr"
-    elif method == "moco":
-        model = MoCoModule(**facts, projection_hidden_dim=16, projection_dim=8, queue_size=16, symmetric=True)
+    elif method.startswith("moco"):
+        model = MoCoModule(
+            **facts, **small, queue_size=16, base_momentum=0.5, symmetric=method == "moco_symmetric"
+        )
+    elif method == "byol":
+        model = BYOLModule(**facts, **small, base_momentum=0.5)
     else:
-        model = BarlowTwinsModule(**facts, projection_hidden_dim=16, projection_dim=8)
-    model.augment = FixedViews()
+        model = BarlowTwinsModule(**facts, **small)
+        model.criterion.gather_distributed = method == "barlow_twins"
+    model.augment = DistinctViews(batch_size)
     return model.eval()
 
 
-def global_batch() -> dict:
-    generator = torch.Generator().manual_seed(123)
+def global_batch(step: int) -> dict:
+    generator = torch.Generator().manual_seed(123 + step)
     images = torch.rand(GLOBAL_BATCH, 1, 12, 12, generator=generator)
     labeled = torch.rand(GLOBAL_BATCH, 1, 12, 12, generator=generator)
     labels = torch.randint(0, 3, (GLOBAL_BATCH,), generator=generator)
@@ -74,14 +100,25 @@ def slice_batch(batch: dict, rank: int, world_size: int) -> dict:
     return {key: tuple(tensor[part] for tensor in pair) for key, pair in batch.items()}
 
 
-def one_step(method: str, batch: dict) -> dict[str, torch.Tensor]:
-    model = build(method)
-    loss = model.training_step(batch, 0)
-    loss.backward()
-    result = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-    if method == "moco":
-        result["buffer:queue"] = model.queue.clone()
-        result["buffer:queue_pointer"] = model.queue_pointer.clone()
+def train(method: str, rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    """STEPS steps of the module on this rank's part of each global batch. Returns the first
+    step's (rank-averaged) gradients as ``grad:<name>`` and the final state as ``state:<name>``."""
+    model = build(method, GLOBAL_BATCH // world_size)
+    optimizer = model.default_optimizer(None)  # the paper optimizer (LARS or SGD)
+    result = {}
+    for step in range(STEPS):
+        model.augment.blocks = 0
+        loss = model.training_step(slice_batch(global_batch(step), rank, world_size), step)
+        loss.backward()
+        for name, p in model.named_parameters():
+            if p.grad is not None and world_size > 1:
+                dist.all_reduce(p.grad)  # DDP: average the gradients over ranks
+                p.grad /= world_size
+            if step == 0 and p.grad is not None:
+                result[f"grad:{name}"] = p.grad.clone()
+        model.optimizer_step(0, step, optimizer, None)  # the step, then MoCo/BYOL's momentum update
+        optimizer.zero_grad(set_to_none=True)
+    result.update({f"state:{name}": value.clone() for name, value in model.state_dict().items()})
     return result
 
 
@@ -89,14 +126,9 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
     try:
-        for method in METHODS:
-            result = one_step(method, slice_batch(global_batch(), rank, WORLD_SIZE))
-            for name, value in result.items():
-                if not name.startswith("buffer:"):
-                    dist.all_reduce(value)  # DDP: average the gradients over ranks
-                    value /= WORLD_SIZE
-            if rank == 0:
-                torch.save(result, os.path.join(out_dir, f"{method}.pt"))
+        for method in METHODS + CONTROLS:
+            result = train(method, rank, WORLD_SIZE)
+            torch.save(result, os.path.join(out_dir, f"{method}-rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -106,25 +138,52 @@ def distributed_results():
     with tempfile.TemporaryDirectory() as out_dir:
         init_file = os.path.join(out_dir, "init")
         mp.spawn(_worker, args=(init_file, out_dir), nprocs=WORLD_SIZE, join=True)
-        yield {method: torch.load(os.path.join(out_dir, f"{method}.pt")) for method in METHODS}
+        yield {
+            (method, rank): torch.load(os.path.join(out_dir, f"{method}-rank{rank}.pt"))
+            for method in METHODS + CONTROLS
+            for rank in range(WORLD_SIZE)
+        }
 
 
-@pytest.mark.parametrize("method", ["simclr", "moco", "barlow_twins"])
-def test_split_batch_gradient_equals_whole_batch_gradient(method, distributed_results):
+def test_the_two_views_differ():
+    model = build("simclr", GLOBAL_BATCH)
+    images = global_batch(0)["unlabeled"][0]
+    view_a, view_b = make_views(images, model.augment)
+    assert (view_a - view_b).abs().mean() > 0.05
+    torch.testing.assert_close(view_a, images)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_split_batch_step_equals_whole_batch_step(method, distributed_results):
     torch.set_num_threads(1)
-    single = one_step(method, global_batch())
-    split = distributed_results[method]
-    assert set(single) == set(split)
-    for name, expected in single.items():
-        assert torch.allclose(split[name], expected, atol=1e-5, rtol=1e-4), (
-            f"{method}: {name} differs by {(split[name] - expected).abs().max().item():.2e}"
-        )
-    assert any(name.startswith("backbone.") for name in single)  # the encoder is part of the check
+    single = train(method, rank=0, world_size=1)
+    for rank in range(WORLD_SIZE):
+        split = distributed_results[(method, rank)]
+        assert set(single) == set(split)
+        for name, expected in single.items():
+            if expected.is_floating_point():
+                scale = max(1.0, expected.abs().max().item())
+                worst = (split[name] - expected).abs().max().item()
+                assert worst <= 1e-5 * scale, f"{method} rank {rank}: {name} differs by {worst:.2e}"
+            else:
+                assert torch.equal(split[name], expected), f"{method} rank {rank}: {name}"
+    grads = [name for name in single if name.startswith("grad:")]
+    assert any(name.startswith("grad:backbone.") for name in grads)  # the encoder is part of the check
+    # the parameters moved: the comparison after the steps is not the initialisation's
+    initial = build(method, GLOBAL_BATCH).state_dict()
+    assert not torch.equal(single["state:backbone.features.0.weight"], initial["backbone.features.0.weight"])
+    if method.startswith("moco"):  # the queue holds every rank's keys, in rank order
+        assert int(single["state:queue_pointer"]) == STEPS * GLOBAL_BATCH % 16
 
 
-def test_without_the_gather_the_gradients_differ(distributed_results):
-    # control: SimCLR with only each rank's own negatives is a different loss
-    single = one_step("simclr", global_batch())
-    split = distributed_results["simclr_without_gather"]
-    worst = max((split[name] - single[name]).abs().max().item() for name in single)
+@pytest.mark.parametrize(
+    "control, method", [("simclr_without_gather", "simclr"), ("barlow_twins_without_gather", "barlow_twins")]
+)
+def test_without_the_gather_the_gradients_differ(control, method, distributed_results):
+    # control: each rank's own batch only (SimCLR: own negatives; Barlow Twins: own statistics) is a different loss
+    single = train(method, rank=0, world_size=1)
+    split = distributed_results[(control, 0)]
+    worst = max(
+        (split[name] - single[name]).abs().max().item() for name in single if name.startswith("grad:")
+    )
     assert worst > 1e-4

@@ -58,7 +58,7 @@ class SelfSupervisedModule(SSLModuleBase):
         backbone_channels: input channels of the backbone (default: the data's).
         knn_k: neighbours of the kNN monitor.
         probe_weight_decay: L2 penalty of the offline linear probe behind ``test/acc``.
-        (data facts, lr, weight_decay, optimizer, scheduler as in ``SSLModuleBase``)
+        data facts, lr, weight_decay, optimizer, scheduler: as in ``SSLModuleBase``.
     """
 
     def __init__(
@@ -103,8 +103,14 @@ class SelfSupervisedModule(SSLModuleBase):
         return self.normalize(images)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """The representation used downstream. Shape: (batch_size, C, H, W) -> (batch_size, num_features)."""
-        self.check_images(images)
+        """The representation used downstream: ``self.backbone`` (the online network, the one
+        ``test/acc`` probes) on ``backbone_input``.
+
+        Takes images as the datamodules yield them: uint8 in [0, 255] or float in [0, 1];
+        anything else is refused (``as_unit_float``). Call ``model.eval()`` first for inference.
+        Shape: (batch_size, C, H, W) -> (batch_size, num_features).
+        """
+        images = self.as_unit_float(images)
         return self.backbone(self.backbone_input(images))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

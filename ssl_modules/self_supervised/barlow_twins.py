@@ -33,11 +33,12 @@ class BarlowTwinsModule(SelfSupervisedModule):
         projection_hidden_dim: width of the two hidden layers of the projector (paper: 8192).
         projection_dim: output width (paper: 8192).
         redundancy_weight: lambda (paper: 0.0051).
-        crop_min_scale, jitter_strength: view pipeline (paper: BYOL's views).
+        crop_min_scale: smallest crop area fraction of the views (paper: BYOL's, 0.08).
+        jitter_strength: colour-jitter strength s of the views (paper: BYOL's).
         lars: LARS (paper) instead of SGD; biases and norms excluded from weight decay and LARS.
         lr: paper: 0.2 (weights) with LARS at batch 2048.
         weight_decay: paper: 1.5e-6.
-        (data facts, optimizer, scheduler as in ``SSLModuleBase``)
+        data facts, optimizer, scheduler: as in ``SSLModuleBase``.
     """
 
     def __init__(

@@ -34,12 +34,13 @@ class BYOLModule(SelfSupervisedModule):
         projection_hidden_dim: hidden width of projector and predictor (paper: 4096).
         projection_dim: output width of projector and predictor (paper: 256).
         base_momentum: tau at step 0 (paper: 0.996).
-        crop_min_scale, jitter_strength: view pipeline (paper: crop 0.08-1, jitter 0.4/0.4/0.2/0.1,
+        crop_min_scale: smallest crop area fraction of the views (paper: 0.08).
+        jitter_strength: colour-jitter strength s of the views (paper: jitter 0.4/0.4/0.2/0.1,
             i.e. close to s=0.5).
         lars: LARS (paper) instead of SGD; biases and norms excluded from weight decay and LARS.
         lr: paper: 0.2 x batch_size / 256 with LARS.
         weight_decay: paper: 1.5e-6.
-        (data facts, optimizer, scheduler as in ``SSLModuleBase``)
+        data facts, optimizer, scheduler: as in ``SSLModuleBase``.
     """
 
     def __init__(

@@ -82,7 +82,7 @@ class ColorizationPretext(SelfSupervisedModule):
         lr: Adam learning rate (the paper: 3e-5 over 450k iterations; 1e-3 here for short runs).
         weight_decay: AdamW weight decay (the paper: 1e-3).
         knn_k, probe_weight_decay: evaluation (``SelfSupervisedModule``).
-        (data facts and optimizer/scheduler as in ``SSLModuleBase``)
+        data facts and optimizer/scheduler: as in ``SSLModuleBase``.
 
     Batch: ``{"labeled": (x, y), "unlabeled": (x, y_hidden)}``; x float RGB in [0, 1],
     shape (batch_size, 3, image_size, image_size).

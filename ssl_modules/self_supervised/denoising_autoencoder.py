@@ -72,7 +72,7 @@ class DenoisingAutoencoder(SelfSupervisedModule):
         lr: Adam learning rate.
         weight_decay: AdamW weight decay.
         knn_k, probe_weight_decay: evaluation (``SelfSupervisedModule``).
-        (data facts and optimizer/scheduler as in ``SSLModuleBase``)
+        data facts and optimizer/scheduler: as in ``SSLModuleBase``.
 
     Batch: ``{"labeled": (x, y), "unlabeled": (x, y_hidden)}``; x float in [0, 1],
     shape (batch_size, channels, image_size, image_size).

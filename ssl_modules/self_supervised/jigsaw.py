@@ -44,7 +44,7 @@ class JigsawPretext(SelfSupervisedModule):
         lr: SGD learning rate (the paper: 0.01, momentum 0.9), cosine-decayed per step.
         weight_decay: SGD weight decay (the paper: 5e-4).
         knn_k, probe_weight_decay: evaluation (``SelfSupervisedModule``).
-        (data facts and optimizer/scheduler as in ``SSLModuleBase``)
+        data facts and optimizer/scheduler: as in ``SSLModuleBase``.
 
     Batch: ``{"labeled": (x, y), "unlabeled": (x, y_hidden)}``; x float in [0, 1],
     shape (batch_size, channels, image_size, image_size). Logs ``train/pretext_acc``.

@@ -45,11 +45,12 @@ class MoCoModule(SelfSupervisedModule):
         queue_size: negatives in the queue (65536 on ImageNet).
         base_momentum: key-encoder momentum at step 0 (v2: 0.999, fixed; here cosine-increased to 1).
         symmetric: also use the second view as query (MoCo v3's symmetrised loss); v2 is asymmetric.
-        crop_min_scale, jitter_strength: view pipeline (v2 uses SimCLR's augmentation, crop 0.2-1).
+        crop_min_scale: smallest crop area fraction of the views (v2 uses SimCLR's augmentation, crop 0.2-1).
+        jitter_strength: colour-jitter strength s of the views (SimCLR's).
         lr: SGD learning rate (v2: 0.03 at batch 256), momentum 0.9, cosine schedule.
         weight_decay: 1e-4.
         lars: LARS instead of SGD.
-        (data facts, optimizer, scheduler as in ``SSLModuleBase``)
+        data facts, optimizer, scheduler: as in ``SSLModuleBase``.
     """
 
     def __init__(

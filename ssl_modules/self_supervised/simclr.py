@@ -39,7 +39,7 @@ class SimCLRModule(SelfSupervisedModule):
             weight decay and from the trust ratio either way.
         lr: learning rate (paper: 0.3 x batch_size / 256 with LARS).
         weight_decay: paper: 1e-6.
-        (data facts, optimizer, scheduler as in ``SSLModuleBase``)
+        data facts, optimizer, scheduler: as in ``SSLModuleBase``.
     """
 
     def __init__(

@@ -21,6 +21,11 @@ AUGMENTATIONS = ("weak", "strong", "none")
 class FrozenClassifier(nn.Module):
     """``classifier(backbone(x))`` with no gradients: a teacher, an EMA copy or a round's labeler.
 
+    Always in eval mode (BatchNorm with running statistics, no dropout), whatever ``train()`` the
+    parent module receives: Lightning does not call ``model.train()`` when fitting starts and
+    restores each submodule's own mode after validation, so a parent's ``train()`` override alone
+    would leave a target network in training mode during the fit.
+
     Shape: normalised images (batch_size, C, H, W) -> logits (batch_size, num_classes).
     """
 
@@ -28,6 +33,10 @@ class FrozenClassifier(nn.Module):
         super().__init__()
         self.backbone = copy_frozen(backbone)
         self.classifier = copy_frozen(classifier)
+        self.eval()
+
+    def train(self, mode: bool = True) -> FrozenClassifier:
+        return super().train(False)  # a target: always eval
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.backbone(images))
@@ -100,7 +109,9 @@ def log_pseudo_label_stats(
 ) -> None:
     """Mask rate and pseudo-label accuracy against ``y_hidden`` (only where ``y_hidden >= 0``).
 
-    Diagnostics only: nothing computed here reaches a loss.
+    Diagnostics only: nothing computed here reaches a loss. No host synchronisation: the
+    accuracy is a masked mean computed on the device, NaN (undefined, a gap in the charts) at a
+    step where no kept pseudo-label has a known hidden label.
 
     Args:
         pseudo_labels: Shape: (batch_size,).
@@ -111,7 +122,6 @@ def log_pseudo_label_stats(
         kept = weights > 0
         batch = len(pseudo_labels)
         module.log(f"{prefix}/mask_rate", kept.float().mean(), batch_size=batch)
-        known = kept & (hidden_labels >= 0)
-        if known.any():
-            accuracy = (pseudo_labels[known] == hidden_labels[known]).float().mean()
-            module.log(f"{prefix}/pseudo_label_acc", accuracy, batch_size=int(known.sum()))
+        known = (kept & (hidden_labels >= 0)).float()
+        correct = ((pseudo_labels == hidden_labels).float() * known).sum()
+        module.log(f"{prefix}/pseudo_label_acc", correct / known.sum(), batch_size=batch)

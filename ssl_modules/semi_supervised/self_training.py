@@ -84,7 +84,7 @@ class SelfTrainingModule(ClassifierModule):
         drop_rate: dropout before the classifier.
         lr: SGD learning rate (Nesterov momentum 0.9), cosine-decayed per step.
         weight_decay: SGD weight decay.
-        (data facts and optimizer/scheduler as in ``SSLModuleBase``)
+        data facts and optimizer/scheduler: as in ``SSLModuleBase``.
     """
 
     def __init__(

@@ -85,7 +85,7 @@ class StudentTeacherModule(ClassifierModule):
         drop_rate: dropout before the student's classifier (Noisy Student: 0.5).
         lr: SGD learning rate (Nesterov momentum 0.9), cosine-decayed per step.
         weight_decay: SGD weight decay.
-        (data facts and optimizer/scheduler as in ``SSLModuleBase``)
+        data facts and optimizer/scheduler: as in ``SSLModuleBase``.
     """
 
     def __init__(
@@ -252,6 +252,14 @@ class StudentTeacherModule(ClassifierModule):
             return self(images)
         self.check_images(images)
         return self.teacher(self.normalize(images))
+
+    def evaluation_backbone(self) -> torch.nn.Module:
+        """Mean Teacher's EMA teacher backbone, else the student's (what ``embed`` and
+        ``load_backbone`` use)."""
+        return self.teacher.backbone if self.hparams.teacher == "ema" else self.backbone
+
+    def evaluation_classifier(self) -> torch.nn.Module:
+        return self.teacher.classifier if self.hparams.teacher == "ema" else self.classifier
 
     def default_optimizer(self, params: Any) -> torch.optim.Optimizer:
         return torch.optim.SGD(
