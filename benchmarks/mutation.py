@@ -102,14 +102,14 @@ JOINT_DDP = (*JOINT, T_DDP)
 SEMI = (T_SEMI_BEHAVIOUR, T_SEMI_LOSSES, T_SCHEDULES, T_SEMI_METHODS)
 PRETEXT = (T_PRETEXT_BEHAVIOUR, T_PRETEXT_AUGMENT, T_PRETEXT_METHODS)
 EVALUATION = (T_EVALUATION, T_NO_TEST_SELECTION, T_JOINT_BEHAVIOUR, T_PRETEXT_BEHAVIOUR)
-SUPERVISED = (T_SUPERVISED, T_SEMI_BEHAVIOUR)
+SUPERVISED = (T_SUPERVISED, T_SEMI_BEHAVIOUR, T_PRETEXT_BEHAVIOUR)
 EMA_TESTS = (T_SCHEDULES, T_SEMI_BEHAVIOUR, T_JOINT_BEHAVIOUR, T_CONTRASTIVE_METHODS, T_SEMI_METHODS)
 
 # Operator mutants: file -> (test selection, qualname prefixes to mutate or None for the whole file).
 OPERATOR_TARGETS: dict[str, tuple[tuple[str, ...], tuple[str, ...] | None]] = {
     "ssl_modules/losses/contrastive.py": ((T_CONTRASTIVE_LOSSES, T_JOINT_BEHAVIOUR, T_DDP), None),
     "ssl_modules/losses/semi_supervised.py": ((T_SEMI_LOSSES, T_SCHEDULES, T_SEMI_BEHAVIOUR), None),
-    "ssl_modules/losses/pretext.py": ((T_PRETEXT_BEHAVIOUR, T_PRETEXT_METHODS), None),
+    "ssl_modules/losses/pretext.py": ((T_PRETEXT_BEHAVIOUR, T_PRETEXT_METHODS, T_PRETEXT_AUGMENT), None),
     # (not warn_if_ema_outlasts_run: it only words a warning)
     "ssl_modules/ema.py": (EMA_TESTS, ("warmup_ema_decay", "cosine_momentum", "copy_frozen", "ema_update")),
     "ssl_modules/dist.py": ((T_DDP,), None),
@@ -888,9 +888,9 @@ METHOD_MUTANTS: list[Mutant] = [
         ('if self.hparams.teacher != "ema":\n            return self(images)', "if True:\n            return self(images)"),
     ),
     _method(
-        "student-teacher/teacher-in-train-mode", "StudentTeacherModule", STUDENT_TEACHER,
-        "student-teacher: the teacher runs in training mode (dropout, batch statistics)", SEMI,
-        ("self.teacher.eval()  # a target", "self.teacher.train(mode)  # a target"),
+        "student-teacher/teacher-in-train-mode", "StudentTeacherModule", COMMON,
+        "frozen teachers/labelers follow the parent's train mode (dropout, batch statistics)", SEMI,
+        ("return super().train(False)  # a target: always eval", "return super().train(mode)  # a target"),
     ),
     _method(
         "student-teacher/same-input-is-weak", "StudentTeacherModule", STUDENT_TEACHER,

@@ -754,3 +754,15 @@ def test_frozen_networks_run_in_eval_mode_during_fit(name: str, tmp_path: Path) 
     if name == "self_training_rounds":
         for key, value in modes.start[1].items():
             assert torch.equal(after[key], value), key
+
+
+def test_frozen_classifier_stays_in_eval_mode_whatever_train_it_receives() -> None:
+    # a custom loop may call model.train(); a target network must still run in eval mode
+    from ssl_modules.semi_supervised._common import FrozenClassifier
+
+    backbone = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Dropout(0.5))
+    frozen = FrozenClassifier(backbone, torch.nn.Linear(4, 2))
+    assert not any(m.training for m in frozen.modules())
+    frozen.train()
+    assert not any(m.training for m in frozen.modules())
+    assert not any(p.requires_grad for p in frozen.parameters())

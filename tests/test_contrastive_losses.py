@@ -229,3 +229,13 @@ def test_joint_embedding_optimizer_keeps_probe_out_of_lars():
             assert all(id(p) in probe_ids for p in group["params"])
     seen = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert seen == {id(p) for p in model.parameters()}
+
+
+def test_losses_gather_across_ranks_by_default() -> None:
+    # under DDP the negatives (NT-Xent) and the batch statistics (Barlow Twins) must be global
+    # unless a user turns it off: the DDP tests set the flag explicitly, so the default is checked here
+    from ssl_modules import SimCLRModule
+
+    assert NTXentLoss().gather_distributed is True
+    model = SimCLRModule(num_classes=2, channels=1, image_size=8, mean=(0.5,), std=(0.25,))
+    assert model.criterion.gather_distributed is True

@@ -229,3 +229,19 @@ def test_corrupt_argument_errors():
         corrupt(torch.rand(1, 1, 4, 4), mask_fraction=1.0)
     with pytest.raises(ValueError, match="noise_std"):
         corrupt(torch.rand(1, 1, 4, 4), noise_std=-0.1)
+
+
+def test_annealed_mean_is_the_mean_of_the_temperature_sharpened_distribution() -> None:
+    # Zhang et al., 2016, eq. 5: H(Z) = E[f_T(Z)], f_T(z) = exp(log z / T) / sum_q exp(log z_q / T)
+    from ssl_modules.losses.pretext import annealed_mean
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 3, 3)
+    centres = torch.randn(5, 2) * 50
+    z = logits.softmax(dim=1)
+    for temperature in (1.0, 0.38):
+        sharpened = (z.log() / temperature).exp()
+        sharpened = sharpened / sharpened.sum(dim=1, keepdim=True)
+        # ab at each pixel: sum over bins q of p_q * centre_q
+        expected = (sharpened[:, None] * centres.T[None, :, :, None, None]).sum(dim=2)
+        assert torch.allclose(annealed_mean(logits, centres, temperature), expected, atol=1e-4)

@@ -150,3 +150,11 @@ def test_fixmatch_fit_applies_the_paper_schedule_at_every_step() -> None:
     expected = [0.03 * math.cos(7 * PI * k / (16 * total)) for k in range(total)]
     assert recorder.lrs == pytest.approx(expected, rel=1e-9)
     assert recorder.lrs[-1] > 0.03 * 0.2  # nowhere near 0 at the last step
+
+
+def test_schedules_accept_degenerate_lengths() -> None:
+    # a run that is all warm-up, or of unknown length (0): no division by zero, sensible factors
+    assert WarmupCosine(10, warmup_steps=10)(9) == pytest.approx(1.0)
+    assert WarmupCosine(10, warmup_steps=10)(10) == pytest.approx(1.0)  # p = 0 right after warm-up
+    assert FixMatchCosine(0)(0) == pytest.approx(1.0)
+    assert FixMatchCosine(0)(1) == pytest.approx(math.cos(7 * PI / 16))
