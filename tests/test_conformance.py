@@ -365,18 +365,39 @@ def exact_ddp_fit(name: str, data: SyntheticDataModule) -> tuple[L.LightningModu
     return model, trainer
 
 
+def _retrying_teardown_abort(run):
+    """``run()`` (2-process ``ddp_spawn`` work), tried once more if a spawned process died of SIGABRT.
+
+    On this 2-core CPU about 1 run in 10 of a semi-supervised module ends with "terminate called
+    without an active exception" in one gloo process after its work is done (seen with the code
+    before this test existed too): a teardown crash of the process group, not a result. A second
+    crash, a failed assertion or any other error fails the test.
+    """
+    from torch.multiprocessing.spawn import ProcessExitedException
+
+    try:
+        return run()
+    except ProcessExitedException as error:
+        if getattr(error, "signal_name", None) != "SIGABRT":
+            raise
+    return run()
+
+
 @pytest.mark.parametrize("name", MODULES)
 def test_ddp_spawn_two_processes_on_cpu(name: str) -> None:
-    L.seed_everything(0)
-    data = make_data(train_per_class=8)
-    if name in DDP_EXACT_KWARGS:
-        model, trainer = exact_ddp_fit(name, data)
-    else:
-        model = make_model(name, data)
-        trainer = make_trainer(devices=2, strategy="ddp_spawn", max_steps=2, limit_val_batches=0)
-        trainer.fit(model, datamodule=data)
-    # ddp_spawn sends rank 0's metrics (not its loop state) back to this process
-    losses = {k: float(v) for k, v in trainer.callback_metrics.items() if "loss" in k}
+    def run() -> tuple[dict, dict]:
+        L.seed_everything(0)
+        data = make_data(train_per_class=8)
+        if name in DDP_EXACT_KWARGS:
+            model, trainer = exact_ddp_fit(name, data)
+        else:
+            model = make_model(name, data)
+            trainer = make_trainer(devices=2, strategy="ddp_spawn", max_steps=2, limit_val_batches=0)
+            trainer.fit(model, datamodule=data)
+        # ddp_spawn sends rank 0's metrics (not its loop state) back to this process
+        losses = {k: float(v) for k, v in trainer.callback_metrics.items() if "loss" in k}
+        return losses, trainer.test(model, datamodule=data, verbose=False)[0]
+
+    losses, result = _retrying_teardown_abort(run)
     assert losses and all(math.isfinite(v) for v in losses.values()), losses
-    result = trainer.test(model, datamodule=data, verbose=False)[0]
     assert 0.0 <= result["test/acc"] <= 1.0

@@ -326,12 +326,13 @@ def test_device_resident_datamodule_fits_and_speedups_do_nothing_on_cpu():
 
 # -- the throughput benchmark and the GPU check -----------------------------------------------------
 def test_throughput_benchmark_runs_tiny(tmp_path):
-    import throughput
-
-    result = throughput.main(
-        ["--tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--repeats", "1", "--workers", "1"]
-        + ["--out", str(tmp_path)]
-    )
+    # a fresh process, as the benchmark is run: forking DataLoader workers from the test process
+    # (with the threads earlier tests left behind) can deadlock
+    command = [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--tiny", "--device", "cpu"]
+    command += ["--steps", "2", "--warmup", "1", "--repeats", "1", "--workers", "1", "--out", str(tmp_path)]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-2000:]
+    result = json.loads((tmp_path / "throughput.json").read_text())
     for method in ("fixmatch", "simclr"):
         rows = result["methods"][method]["variants"]
         assert set(rows) == {"a_library", "b_usual_1w", "c_limit"}
@@ -422,11 +423,19 @@ def test_sync_audit_attributes_a_sync_to_the_library_line_that_caused_it():
 
 def test_gpu_check_ddp_section_on_cpu():
     """The DDP comparison's code path (2 gloo ranks on CPU) finds split == whole."""
-    import gpu_check
-
-    result = gpu_check.ddp_equivalence(torch.device("cpu"), force_cpu=True)
-    for name in gpu_check.DDP_METHODS:
-        assert result[name]["same_parameters"] and result[name]["equal"], result
+    # in a fresh process, as the script runs it: spawning gloo ranks from the test process (with
+    # the threads earlier tests left behind) hung once
+    code = (
+        "import json, sys, torch; sys.path.insert(0, 'benchmarks'); import gpu_check; "
+        "r = gpu_check.ddp_equivalence(torch.device('cpu'), force_cpu=True); "
+        "print(json.dumps({n: [bool(r[n]['same_parameters']), bool(r[n]['equal'])] for n in gpu_check.DDP_METHODS}))"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert result and all(same and equal for same, equal in result.values()), result
 
 
 def test_prepare_gpu_wheels_dry_run():
