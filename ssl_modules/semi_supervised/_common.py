@@ -79,13 +79,9 @@ def load_classifier_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     state = checkpoint.get("state_dict", checkpoint)
     hparams = dict(checkpoint.get("hyper_parameters", {}))
-    prefix = ""
-    if hparams.get("teacher") == "ema" and any(key.startswith("teacher.backbone.") for key in state):
-        prefix = "teacher."
-    elif hparams.get("evaluate_with_ema", False) and any(
-        key.startswith("ema_model.backbone.") for key in state
-    ):
-        prefix = "ema_model."
+    from ssl_modules.export import evaluation_prefix  # the one rule for "what the module evaluates with"
+
+    prefix = evaluation_prefix(state, hparams)
     selected = {
         key[len(prefix) :]: value
         for key, value in state.items()
