@@ -51,6 +51,7 @@ import throughput  # noqa: E402
 
 import ssl_modules  # noqa: E402
 from datamodules import SyntheticDataModule  # noqa: E402
+from ssl_modules.batch import LabeledBatch, UnlabeledBatch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LIBRARY_DIR = str(ROOT / "ssl_modules")
@@ -246,8 +247,11 @@ def _ddp_batch(device: torch.device, part: slice = slice(None)) -> dict:
     labeled = torch.rand(DDP_BATCH, 3, 8, 8, generator=generator)
     labels = torch.randint(0, 4, (DDP_BATCH,), generator=generator)
     hidden = torch.full((DDP_BATCH,), -1)
-    batch = {"labeled": (labeled, labels), "unlabeled": (images, hidden)}
-    return {key: tuple(t[part].to(device) for t in pair) for key, pair in batch.items()}
+    index = torch.arange(DDP_BATCH)  # each image's position in the whole batch, kept by a part
+    return {
+        "labeled": LabeledBatch(labeled[part].to(device), labels[part].to(device), index[part].to(device)),
+        "unlabeled": UnlabeledBatch(images[part].to(device), hidden[part].to(device), index[part].to(device)),
+    }
 
 
 def _ddp_gradients(name: str, device: torch.device, batch: dict) -> dict[str, torch.Tensor]:

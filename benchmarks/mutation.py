@@ -96,6 +96,12 @@ T_PRETEXT_METHODS = "tests/test_pretext_methods.py"
 T_EVALUATION = "tests/test_ssl_evaluation.py"
 T_NO_TEST_SELECTION = "tests/test_no_test_selection.py"
 T_SUPERVISED = "tests/test_supervised.py"
+T_MIXMATCH = "tests/test_mixmatch.py"
+T_VICREG_SIMSIAM = "tests/test_vicreg_simsiam.py"
+T_RULES_FLEX_FREE = "tests/test_rules_flexmatch_freematch.py"
+T_RULES_SOFT_UDA = "tests/test_rules_softmatch_uda.py"
+T_DINO_SWAV = ("tests/test_dino_swav_losses.py", "tests/test_dino_swav.py")
+T_MAE = ("tests/test_mae.py", "tests/test_mae_loss.py")
 
 JOINT = (T_JOINT_BEHAVIOUR, T_CONTRASTIVE_LOSSES, T_CONTRASTIVE_METHODS)
 JOINT_DDP = (*JOINT, T_DDP)
@@ -498,6 +504,7 @@ SIMCLR = "ssl_modules/self_supervised/simclr.py"
 BYOL = "ssl_modules/self_supervised/byol.py"
 MOCO = "ssl_modules/self_supervised/moco.py"
 BARLOW = "ssl_modules/self_supervised/barlow_twins.py"
+JOINT_EMBEDDING = "ssl_modules/self_supervised/joint_embedding.py"
 ROTATION = "ssl_modules/self_supervised/rotation.py"
 JIGSAW = "ssl_modules/self_supervised/jigsaw.py"
 COLORIZATION = "ssl_modules/self_supervised/colorization.py"
@@ -513,7 +520,17 @@ DIST = "ssl_modules/dist.py"
 BASE = "ssl_modules/base.py"
 PRETEXT_AUGMENT = "ssl_modules/augment/pretext.py"
 EVAL_SSL = "ssl_modules/evaluation/self_supervised.py"
-PRETEXT_IMAGES = "images = labeled[0] if unlabeled is None else torch.cat([labeled[0], unlabeled[0]])"
+MIXMATCH = "ssl_modules/semi_supervised/mixmatch.py"
+VICREG_LOSS = "ssl_modules/losses/joint_embedding.py"
+SIMSIAM = "ssl_modules/self_supervised/simsiam.py"
+RULES = "ssl_modules/semi_supervised/rules"
+SELF_DISTILLATION = "ssl_modules/losses/self_distillation.py"
+DINO = "ssl_modules/self_supervised/dino.py"
+SWAV = "ssl_modules/self_supervised/swav.py"
+MAE = "ssl_modules/self_supervised/mae.py"
+PRETEXT_IMAGES = (
+    "images = labeled.images if unlabeled is None else torch.cat([labeled.images, unlabeled.images])"
+)
 
 METHOD_MUTANTS: list[Mutant] = [
     # -- SimCLR --------------------------------------------------------------------------------------
@@ -523,22 +540,22 @@ METHOD_MUTANTS: list[Mutant] = [
         ("self.criterion(z[i], z[j]) for i, j in pairs", "self.criterion(z[i], z[i]) for i, j in pairs"),
     ),
     _method(
-        "simclr/identical-views", "SimCLRModule", SIMCLR,
+        "simclr/identical-views", "SimCLRModule", JOINT_EMBEDDING,
         "SimCLR: one augmentation reused for every view (views identical)", JOINT,
         (
-            "views = make_views(images, self.augment, num_views)",
-            "views = [self.augment(images).clamp(0, 1)] * num_views",
+            "return make_views(images, self.augment, self.num_views)",
+            "return [self.augment(images).clamp(0, 1)] * self.num_views",
         ),
     ),
     _method(
         "simclr/no-projection-head", "SimCLRModule", SIMCLR,
         "SimCLR: NT-Xent on h = f(x) (projection head g skipped)", JOINT,
-        ("z = self.projector(h).chunk(num_views)", "z = h.chunk(num_views)"),
+        ("z = self.projector(torch.cat(features)).chunk(len(views))", "z = torch.cat(features).chunk(len(views))"),
     ),
     _method(
-        "simclr/labeled-images-only", "SimCLRModule", SIMCLR,
+        "simclr/labeled-images-only", "SimCLRModule", JOINT_EMBEDDING,
         "SimCLR: contrasts the labeled batch instead of the unlabeled one", JOINT,
-        ("images = (unlabeled or labeled)[0]", "images = labeled[0]"),
+        ("images = (unlabeled or labeled).images", "images = labeled.images"),
     ),
     _method(
         "ntxent/ddp-views-swapped", "SimCLRModule", CONTRASTIVE,
@@ -555,8 +572,9 @@ METHOD_MUTANTS: list[Mutant] = [
         "byol/target-from-online-with-stopgrad", "BYOLModule", BYOL,
         "BYOL: target computed by the online network (under no_grad)", JOINT,
         (
-            "target = self.target_projector(self.target_backbone(both))",
-            "target = self.projector(self.backbone(both))",
+            "target_features = self.encode(views, self.target_backbone)  # 2 x (n, num_features)\n"
+            "            target = self.target_projector(torch.cat(target_features))",
+            "target_features = self.encode(views)\n            target = self.projector(torch.cat(target_features))",
         ),
     ),
     _method(
@@ -564,8 +582,10 @@ METHOD_MUTANTS: list[Mutant] = [
         "BYOL: target computed by the online network, gradient flowing through it", JOINT,
         (
             "with torch.no_grad():  # stop-gradient: the target only provides regression targets\n"
-            "            target = self.target_projector(self.target_backbone(both))",
-            "if True:\n            target = self.projector(self.backbone(both))",
+            "            target_features = self.encode(views, self.target_backbone)  # 2 x (n, num_features)\n"
+            "            target = self.target_projector(torch.cat(target_features))",
+            "if True:\n            target_features = self.encode(views)\n"
+            "            target = self.projector(torch.cat(target_features))",
         ),
     ),
     _method(
@@ -588,26 +608,22 @@ METHOD_MUTANTS: list[Mutant] = [
         "byol/no-predictor", "BYOLModule", BYOL,
         "BYOL: online branch without the predictor", JOINT,
         (
-            "online = self.predictor(self.projector(self.backbone(both)))",
-            "online = self.projector(self.backbone(both))",
+            "online = self.predictor(self.projector(torch.cat(features)))",
+            "online = self.projector(torch.cat(features))",
         ),
     ),
     _method(
         "byol/no-momentum-update", "BYOLModule", BYOL,
         "BYOL: target network never updated", JOINT,
         (
-            "ema_update(self.target_backbone, self.backbone, momentum)\n"
-            "        ema_update(self.target_projector, self.projector, momentum)",
-            "pass",
+            "return [(self.backbone, self.target_backbone), (self.projector, self.target_projector)]",
+            "return []",
         ),
     ),
     _method(
-        "byol/momentum-inverted", "BYOLModule", BYOL,
-        "BYOL: target backbone moves with 1 - tau instead of tau", JOINT,
-        (
-            "ema_update(self.target_backbone, self.backbone, momentum)",
-            "ema_update(self.target_backbone, self.backbone, 1 - momentum)",
-        ),
+        "byol/momentum-inverted", "BYOLModule", JOINT_EMBEDDING,
+        "BYOL: target networks move with 1 - tau instead of tau", JOINT,
+        ("ema_update(target, online, momentum)", "ema_update(target, online, 1 - momentum)"),
     ),
     # -- MoCo ----------------------------------------------------------------------------------------
     _method(
@@ -617,28 +633,30 @@ METHOD_MUTANTS: list[Mutant] = [
             "negatives = self.queue.clone()",
             "self.enqueue(key_k)\n        negatives = self.queue.clone()",
         ),
-        ("        self.enqueue(key_k)\n\n", "\n"),
+        ("        self.enqueue(key_k)\n        return JointEmbeddingLoss", "        return JointEmbeddingLoss"),
     ),
     _method(
         "moco/keys-from-query-encoder", "MoCoModule", MOCO,
         "MoCo: keys computed by the query encoder instead of the momentum encoder", JOINT_DDP,
         (
-            "key_k = self.momentum_projector(\n                self.momentum_backbone(self.normalize(view_k))",
-            "key_k = self.projector(\n                self.backbone(self.normalize(view_k))",
+            "key_k = self.momentum_projector(self.momentum_backbone(self.backbone_input(views[1])))",
+            "key_k = self.projector(self.backbone(self.backbone_input(views[1])))",
         ),
     ),
     _method(
         "moco/key-same-view-as-query", "MoCoModule", MOCO,
         "MoCo: the key is encoded from the query's view", JOINT_DDP,
-        ("self.momentum_backbone(self.normalize(view_k))\n", "self.momentum_backbone(self.normalize(view_q))\n"),
+        (
+            "key_k = self.momentum_projector(self.momentum_backbone(self.backbone_input(views[1])))",
+            "key_k = self.momentum_projector(self.momentum_backbone(self.backbone_input(views[0])))",
+        ),
     ),
     _method(
         "moco/no-momentum-update", "MoCoModule", MOCO,
         "MoCo: key encoder never updated", JOINT,
         (
-            "ema_update(self.momentum_backbone, self.backbone, momentum)\n"
-            "        ema_update(self.momentum_projector, self.projector, momentum)",
-            "pass",
+            "return [(self.backbone, self.momentum_backbone), (self.projector, self.momentum_projector)]",
+            "return []",
         ),
     ),
     _method(
@@ -720,7 +738,7 @@ METHOD_MUTANTS: list[Mutant] = [
     _method(
         "rotation/labeled-only", "RotationPretext", ROTATION,
         "rotation: the unlabeled images are dropped from the pretext task", PRETEXT,
-        (PRETEXT_IMAGES, "images = labeled[0]"),
+        (PRETEXT_IMAGES, "images = labeled.images"),
     ),
     _method(
         "jigsaw/label-not-permutation-index", "JigsawPretext", JIGSAW,
@@ -772,7 +790,7 @@ METHOD_MUTANTS: list[Mutant] = [
     _method(
         "denoising/labeled-only", "DenoisingAutoencoder", DENOISING,
         "denoising: the unlabeled images are dropped from the pretext task", PRETEXT,
-        (PRETEXT_IMAGES, "images = labeled[0]"),
+        (PRETEXT_IMAGES, "images = labeled.images"),
     ),
     # -- evaluation of the self-supervised methods ---------------------------------------------------
     _method(
@@ -964,6 +982,162 @@ METHOD_MUTANTS: list[Mutant] = [
         "supervised/frozen-backbone-trains", "SupervisedModule", SUPERVISED_PY,
         "linear probe: the backbone is not frozen", SUPERVISED,
         ("            self.backbone.requires_grad_(False)\n", "            pass\n"),
+    ),
+    # -- MixMatch ------------------------------------------------------------------------------------
+    _method(
+        "mixmatch/no-sharpening", "MixMatchModule", MIXMATCH,
+        "MixMatch: the guess is not sharpened (T ignored)", (T_MIXMATCH,),
+        ("powered = probabilities.pow(1.0 / temperature)", "powered = probabilities"),
+    ),
+    _method(
+        "mixmatch/lambda-not-maxed", "MixMatchModule", MIXMATCH,
+        "MixMatch: MixUp with lambda instead of max(lambda, 1 - lambda)", (T_MIXMATCH,),
+        ("lam = torch.maximum(weights, 1.0 - weights).to(inputs.dtype)", "lam = weights.to(inputs.dtype)"),
+    ),
+    _method(
+        "mixmatch/guess-from-first-view", "MixMatchModule", MIXMATCH,
+        "MixMatch: the guess is the first view's prediction, not the mean over the K views", (T_MIXMATCH,),
+        (
+            "mean_probs = view_probs.view(num_views, num_unlabeled, -1).mean(dim=0)",
+            "mean_probs = view_probs.view(num_views, num_unlabeled, -1)[0]",
+        ),
+    ),
+    _method(
+        "mixmatch/unlabeled-loss-is-cross-entropy", "MixMatchModule", MIXMATCH,
+        "MixMatch: the unlabeled loss is cross-entropy instead of the L2 of the paper", (T_MIXMATCH,),
+        (
+            "unlabeled_loss = mixmatch_unlabeled_loss(logits[num_labeled:], mixed_targets[num_labeled:])",
+            "unlabeled_loss = soft_cross_entropy(logits[num_labeled:], mixed_targets[num_labeled:])",
+        ),
+    ),
+    # -- VICReg and SimSiam --------------------------------------------------------------------------
+    _method(
+        "vicreg/variance-term-dropped", "VICRegModule", VICREG_LOSS,
+        "VICReg: the variance term is not in the loss", (T_VICREG_SIMSIAM,),
+        ("            + self.variance_weight * terms.variance\n", "\n"),
+    ),
+    _method(
+        "vicreg/covariance-weight-is-variance-weight", "VICRegModule", VICREG_LOSS,
+        "VICReg: the covariance term is weighted by mu instead of nu", (T_VICREG_SIMSIAM,),
+        ("+ self.covariance_weight * terms.covariance", "+ self.variance_weight * terms.covariance"),
+    ),
+    _method(
+        "vicreg/no-gather", "VICRegModule", VICREG_LOSS,
+        "VICReg under DDP: variance and covariance on the rank's rows only", (T_VICREG_SIMSIAM,),
+        ("z_a, z_b = dist.gather(z_a), dist.gather(z_b)  # (world_size * n, dim)", "pass"),
+    ),
+    _method(
+        "simsiam/no-stop-gradient", "SimSiamModule", SIMSIAM,
+        "SimSiam: the target branch carries gradient (no stop-gradient)", (T_VICREG_SIMSIAM,),
+        (
+            "loss = (self.criterion(p_a, z_b.detach()) + self.criterion(p_b, z_a.detach())) / 2",
+            "loss = (self.criterion(p_a, z_b) + self.criterion(p_b, z_a)) / 2",
+        ),
+    ),
+    _method(
+        "simsiam/one-direction", "SimSiamModule", SIMSIAM,
+        "SimSiam: one direction of the symmetric loss only", (T_VICREG_SIMSIAM,),
+        (
+            "loss = (self.criterion(p_a, z_b.detach()) + self.criterion(p_b, z_a.detach())) / 2",
+            "loss = self.criterion(p_a, z_b.detach())",
+        ),
+    ),
+    # -- pseudo-label rules (FixMatchModule with FlexMatch / FreeMatch / SoftMatch / UDA) ---------------
+    _method(
+        "fixmatch/rule-without-index", "FixMatchModule", FIXMATCH,
+        "FixMatch: the rule gets no sample index (FlexMatch's status cannot be kept)",
+        (T_RULES_FLEX_FREE, T_SEMI_METHODS),
+        ("pseudo = self.rule(weak_probs, unlabeled.index)", "pseudo = self.rule(weak_probs, None)"),
+    ),
+    _method(
+        "flexmatch/linear-mapping-always", "FixMatchModule", f"{RULES}/flexmatch.py",
+        "FlexMatch: the convex mapping x / (2 - x) is ignored", (T_RULES_FLEX_FREE,),
+        ('mapped = beta / (2.0 - beta) if self.mapping == "convex" else beta', "mapped = beta"),
+    ),
+    _method(
+        "flexmatch/no-warmup", "FixMatchModule", f"{RULES}/flexmatch.py",
+        "FlexMatch: the threshold warm-up (unused images in the normaliser) is ignored", (T_RULES_FLEX_FREE,),
+        ("normaliser = torch.maximum(normaliser, unused)", "pass"),
+    ),
+    _method(
+        "flexmatch/status-not-gathered", "FixMatchModule", f"{RULES}/flexmatch.py",
+        "FlexMatch under DDP: each rank writes only its own images' status", (T_RULES_FLEX_FREE,),
+        ("index = ssl_dist.gather_no_grad(index.to(self.status.device))", "index = index.to(self.status.device)"),
+        ("predictions = ssl_dist.gather_no_grad(predictions)", "pass"),
+        ("confidence = ssl_dist.gather_no_grad(confidence)", "pass"),
+    ),
+    _method(
+        "freematch/no-maxnorm", "FixMatchModule", f"{RULES}/freematch.py",
+        "FreeMatch: per-class thresholds without MaxNorm of p_t", (T_RULES_FLEX_FREE,),
+        (
+            "return self.class_probs / self.class_probs.max() * self.global_threshold",
+            "return self.class_probs * self.global_threshold",
+        ),
+    ),
+    _method(
+        "freematch/global-threshold-not-global", "FixMatchModule", f"{RULES}/freematch.py",
+        "FreeMatch under DDP: the global threshold uses the rank's batch only", (T_RULES_FLEX_FREE,),
+        (
+            "self.global_threshold.mul_(keep).add_(global_mean(confidence.mean()), alpha=new)",
+            "self.global_threshold.mul_(keep).add_(confidence.mean(), alpha=new)",
+        ),
+    ),
+    _method(
+        "softmatch/no-truncation", "FixMatchModule", f"{RULES}/softmatch.py",
+        "SoftMatch: the Gaussian is not truncated at mu_t (confident images weighted below 1)", (T_RULES_SOFT_UDA,),
+        (
+            "below_mean = (confidence - self.confidence_mean).clamp(max=0.0)",
+            "below_mean = confidence - self.confidence_mean",
+        ),
+    ),
+    _method(
+        "softmatch/biased-variance", "FixMatchModule", f"{RULES}/softmatch.py",
+        "SoftMatch: the biased variance of the confidence", (T_RULES_SOFT_UDA,),
+        ("* (count / (count - 1))", "* 1.0"),
+    ),
+    _method(
+        "uda/not-sharpened", "FixMatchModule", f"{RULES}/uda.py",
+        "UDA: the targets are not sharpened (T ignored)", (T_RULES_SOFT_UDA,),
+        (
+            "sharpened = torch.softmax(probs.log() / self.temperature, dim=1)",
+            "sharpened = torch.softmax(probs.log(), dim=1)",
+        ),
+    ),
+    _method(
+        "alignment/no-alignment", "FixMatchModule", f"{RULES}/base.py",
+        "distribution alignment: the probabilities are returned unaligned", (T_RULES_SOFT_UDA,),
+        ("return aligned / aligned.sum(dim=1, keepdim=True)", "return probs"),
+    ),
+    # -- DINO, SwAV, MAE -------------------------------------------------------------------------------
+    _method(
+        "dino/no-centering", "DINOModule", SELF_DISTILLATION,
+        "DINO: the teacher's outputs are not centred", T_DINO_SWAV,
+        ("F.softmax((t.to(dtype) - center) / teacher_temperature, dim=1)", "F.softmax(t.to(dtype) / teacher_temperature, dim=1)"),
+    ),
+    _method(
+        "dino/teacher-sees-all-crops", "DINOModule", DINO,
+        "DINO: the teacher also encodes the local crops", T_DINO_SWAV,
+        ("global_views = views[: self.num_global_crops]", "global_views = views"),
+    ),
+    _method(
+        "swav/prototypes-never-frozen", "SwAVModule", SWAV,
+        "SwAV: the prototypes train from the first step", T_DINO_SWAV,
+        ("            self.prototypes.layer.weight.grad = None  # the authors' freeze_prototypes_niters", "            pass"),
+    ),
+    _method(
+        "swav/prototypes-not-normalised", "SwAVModule", SWAV,
+        "SwAV: the prototypes are not renormalised after each step", T_DINO_SWAV,
+        ("        self.prototypes.normalize_()  # back to the unit sphere after every step", "        pass"),
+    ),
+    _method(
+        "mae/target-not-the-clean-views", "MAEModule", MAE,
+        "MAE: the pixel loss ignores the per-patch normalisation", T_MAE,
+        ("            norm_pix_loss=self.hparams.norm_pix_loss,\n        )\n        probe_loss", "            norm_pix_loss=False,\n        )\n        probe_loss"),
+    ),
+    _method(
+        "mae/labeled-images", "MAEModule", MAE,
+        "MAE: reconstructs the labeled images instead of the unlabeled ones", T_MAE,
+        ("images = labeled.images if unlabeled is None else unlabeled.images", "images = labeled.images"),
     ),
 ]  # fmt: skip
 

@@ -167,7 +167,7 @@ class CandidateModule(SupervisedModule):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        (images, labels), _ = batch["labeled"], None
+        images, labels = batch["labeled"].images, batch["labeled"].labels
         logits = self(self.augment(images))
         return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
 

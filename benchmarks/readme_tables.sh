@@ -18,12 +18,18 @@ $BENCH configs/supervised.yaml configs/recipes/supervised_all_labels.yaml \
     --data configs/data/digits.yaml "${COMMON[@]}" --last-k 5 --val-every 20 --jobs 2 \
     --out benchmarks/results/digits_semi_supervised.json
 
+# The semi-supervised digits table at very few labels (1 and 2 per class): supervised, FixMatch and
+# the five methods that decide which pseudo-labels to trust (UDA, MixMatch, FlexMatch, FreeMatch,
+# SoftMatch), one bench command per label budget.
+bash benchmarks/semi_supervised_few_labels.sh
+
 # The self-supervised digits table (measured before the semi-supervised one was re-measured; none
 # of its rows depends on the supervised recipe or the FixMatch schedule): the random-init probe that
 # every self-supervised row must beat, and every self-supervised method.
 if [ "${WITH_SELF_SUPERVISED:-0}" = 1 ]; then
 $BENCH configs/linear_probe.yaml configs/rotation.yaml configs/jigsaw.yaml configs/denoising_autoencoder.yaml \
     configs/simclr.yaml configs/moco.yaml configs/byol.yaml configs/barlow_twins.yaml \
+    configs/vicreg.yaml configs/simsiam.yaml \
     --data configs/data/digits.yaml "${COMMON[@]}" --last-k 5 --val-every 20 --jobs 2 \
     --out benchmarks/results/digits_self_supervised.json
 fi

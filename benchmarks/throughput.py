@@ -69,6 +69,7 @@ from ssl_modules import FixMatchModule, SimCLRModule  # noqa: E402
 from ssl_modules.accel import CudaSpeedups, DeviceResidentDataModule  # noqa: E402
 from ssl_modules.augment import to_float_images  # noqa: E402
 from ssl_modules.augment.views import make_views  # noqa: E402
+from ssl_modules.batch import train_batch  # noqa: E402
 
 PAPER_STEPS = 2**20
 FULL = {
@@ -343,11 +344,11 @@ class Bench:
 
     def _fixmatch_batch(self, feed: Feed, weak_l, y, weak_u, strong_u) -> dict:
         feed.queue = [weak_l, weak_u, strong_u]
-        return {"labeled": (weak_l, y), "unlabeled": (weak_u, torch.full_like(y[:1], -1).expand(len(weak_u)))}
+        return train_batch(weak_l, y, weak_u)  # hidden labels unknown (-1)
 
     def _simclr_batch(self, feed: ReadyViews, x, y, v1, v2) -> dict:
         feed.views = [v1, v2]
-        return {"labeled": (x, y), "unlabeled": (x, torch.full_like(y, -1))}
+        return train_batch(x, y, x)
 
     def _timed_loop(
         self, steps: int, next_batch: Callable[[], dict], optimizer: torch.optim.Optimizer
@@ -414,8 +415,8 @@ class Bench:
     def run_augmentation_only(self, steps: int) -> float:
         """Steps/s of (a)'s batched augmentation alone, on one step's uint8 images on the device."""
         batch = DeviceResidentDataModule(self.datamodule, device=str(self.device)).train_dataloader().batch(0)
-        labeled = to_float_images(batch["labeled"][0])
-        unlabeled = to_float_images(batch["unlabeled"][0])
+        labeled = to_float_images(batch["labeled"].images)
+        unlabeled = to_float_images(batch["unlabeled"].images)
         for module in self.augmentations.values():
             module.to(self.device)
 

@@ -4,8 +4,11 @@ A datamodule holds a labeled source dataset and splits its train part into a sma
 **labeled** part and a large **unlabeled** part. ``train_dataloader()`` returns
 ``{"labeled": DataLoader, "unlabeled": DataLoader}``; Lightning combines them in
 ``max_size_cycle`` mode, so a training batch is
-``{"labeled": (x, y), "unlabeled": (x, y_hidden)}``. ``y_hidden`` is the true label where
-the dataset knows it and ``-1`` where it does not; it exists for diagnostics only.
+``{"labeled": LabeledBatch(images, labels, index), "unlabeled": UnlabeledBatch(images,
+hidden_labels, index)}`` (``ssl_modules.batch``, which documents the fields). ``hidden_labels``
+is the true label where the dataset knows it and ``-1`` where it does not; it exists for
+diagnostics only. ``index`` is each image's position in its loader's dataset: the key of
+per-sample state.
 
 Images leave the datamodule as uint8 tensors of one fixed size, ``(C, H, W)``; all random
 augmentation happens batched on the device inside the methods.
@@ -25,6 +28,8 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ssl_modules.batch import LabeledBatch, UnlabeledBatch
 
 UNKNOWN_LABEL = -1
 # The validation and test sets must not move with ``split_seed``; they are carved with this one.
@@ -82,8 +87,56 @@ class IndexedSubset(Dataset):
         return [self.dataset[i] for i in inner]
 
 
+class NamedBatches(Dataset):
+    """``dataset`` served as ``kind(images, targets, index)`` (``ssl_modules.batch``), with
+    ``index = position % period``: the image's position in the dataset its loader draws from.
+
+    Args:
+        dataset: yields ``(image, target)`` items, or ``(images, targets)`` from ``__getitems__``.
+        kind: ``LabeledBatch`` or ``UnlabeledBatch``.
+        period: the number of distinct images when ``dataset`` repeats them in order (the
+            labeled set tiled to fill an epoch), so that a repeat keeps its image's index;
+            default ``len(dataset)``.
+    """
+
+    def __init__(self, dataset: Dataset, kind: type = LabeledBatch, period: int | None = None) -> None:
+        if kind not in (LabeledBatch, UnlabeledBatch):
+            raise ValueError(f"kind must be LabeledBatch or UnlabeledBatch; got {kind!r}")
+        self.dataset = dataset
+        self.kind = kind
+        self.period = int(period) if period is not None else len(dataset)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        image, target = self.dataset[index]
+        return self.kind(
+            torch.as_tensor(image), torch.as_tensor(target).long(), torch.tensor(index % self.period)
+        )
+
+    def __getitems__(self, indices: list[int]) -> Any:
+        if not hasattr(self.dataset, "__getitems__"):
+            return [self[i] for i in indices]  # collated by default_collate, field by field
+        served = self.dataset.__getitems__(indices)
+        if not isinstance(served, tuple):
+            # a list of (image, target) items (``IndexedSubset`` or ``Subset`` over a dataset read
+            # item by item): name each one; default_collate stacks them field by field
+            return [
+                self.kind(
+                    torch.as_tensor(image), torch.as_tensor(target).long(), torch.tensor(i % self.period)
+                )
+                for i, (image, target) in zip(indices, served)
+            ]
+        images, targets = served  # the whole batch from one indexing operation
+        index = torch.as_tensor(indices, dtype=torch.long) % self.period
+        return self.kind(torch.as_tensor(images), torch.as_tensor(targets).long(), index)
+
+
 def batch_collate(batch: Any) -> Any:
     """Collate that passes through batches a dataset already built with ``__getitems__``."""
+    if isinstance(batch, (LabeledBatch, UnlabeledBatch)):
+        return batch
     if isinstance(batch, tuple) and all(isinstance(t, torch.Tensor) for t in batch):
         return list(batch)
     return torch.utils.data.default_collate(batch)
@@ -357,7 +410,11 @@ class SemiSupervisedDataModule(L.LightningDataModule):
         # The few labeled images are repeated so that one epoch (a pass over the unlabeled
         # pool) draws a labeled batch at every step, each labeled image about equally often.
         repeats = max(1, math.ceil(steps * self.batch_size / len(self.labeled_indices)))
-        labeled = IndexedSubset(self.train_dataset, np.tile(self.labeled_indices, repeats))
+        labeled = NamedBatches(
+            IndexedSubset(self.train_dataset, np.tile(self.labeled_indices, repeats)),
+            LabeledBatch,
+            period=len(self.labeled_indices),
+        )
         loaders = {"labeled": self._loader(labeled, self.batch_size, self.shuffle_seed, drop_last=True)}
         # A method that never reads the unlabeled batch says so with ``uses_unlabeled = False``
         # (SupervisedModule) and gets the labeled loader alone: no unlabeled images are read.
@@ -366,7 +423,10 @@ class SemiSupervisedDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         if getattr(trainer.lightning_module if trainer is not None else None, "uses_unlabeled", True):
             loaders["unlabeled"] = self._loader(
-                unlabeled, unlabeled_batch, self.shuffle_seed + 1, drop_last=True
+                NamedBatches(unlabeled, UnlabeledBatch),
+                unlabeled_batch,
+                self.shuffle_seed + 1,
+                drop_last=True,
             )
         return loaders
 
@@ -374,7 +434,10 @@ class SemiSupervisedDataModule(L.LightningDataModule):
         """Each labeled image once, in order: for fitting linear probes and kNN banks."""
         self.setup("fit")
         return self._loader(
-            IndexedSubset(self.train_dataset, self.labeled_indices), self.batch_size, None, False
+            NamedBatches(IndexedSubset(self.train_dataset, self.labeled_indices)),
+            self.batch_size,
+            None,
+            False,
         )
 
     @property
@@ -393,11 +456,11 @@ class SemiSupervisedDataModule(L.LightningDataModule):
                 "set data.val_size (e.g. 0.1) to hold out part of train for validation."
             )
             return []
-        return self._loader(self.val_dataset, self.batch_size * 2, None, False)
+        return self._loader(NamedBatches(self.val_dataset), self.batch_size * 2, None, False)
 
     def test_dataloader(self) -> DataLoader:
         self.setup("test")
-        return self._loader(self.test_dataset, self.batch_size * 2, None, False)
+        return self._loader(NamedBatches(self.test_dataset), self.batch_size * 2, None, False)
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()

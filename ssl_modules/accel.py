@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ssl_modules.batch import LabeledBatch, UnlabeledBatch
+
 
 def materialize(dataset: Dataset, indices: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(images, targets)`` of ``dataset`` at ``indices`` (all by default) as two tensors.
@@ -78,7 +80,9 @@ class _IndexStream:
 
 
 class DeviceBatches:
-    """Training batches ``{"labeled": (x, y), "unlabeled": (x, y_hidden)}`` drawn on the device.
+    """Training batches ``{"labeled": LabeledBatch, "unlabeled": UnlabeledBatch}`` drawn on the device.
+
+    ``index`` is the position in ``labeled``/``unlabeled``, as the datamodules' loaders give it.
 
     Images stay uint8 on ``device`` (the module converts them to floats, as for any batch).
     Batch ``k`` of the run is a pure function of ``(seed, k, rank)``: the labeled stream and the
@@ -127,17 +131,19 @@ class DeviceBatches:
     def __len__(self) -> int:
         return self.steps_per_epoch
 
-    def batch(self, step: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def batch(self, step: int) -> dict[str, Any]:
         """The batch of training step ``step`` on this rank."""
         k = step * self.world_size + self.rank
         labeled = self.labeled_stream(k)
         unlabeled = self.unlabeled_stream(k)
         return {
-            "labeled": (self.labeled[0][labeled], self.labeled[1][labeled]),
-            "unlabeled": (self.unlabeled[0][unlabeled], self.unlabeled[1][unlabeled]),
+            "labeled": LabeledBatch(self.labeled[0][labeled], self.labeled[1][labeled], labeled),
+            "unlabeled": UnlabeledBatch(
+                self.unlabeled[0][unlabeled], self.unlabeled[1][unlabeled], unlabeled
+            ),
         }
 
-    def __iter__(self) -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    def __iter__(self) -> Iterator[dict[str, Any]]:
         first = int(self.start_step())
         for step in range(first, first + self.steps_per_epoch):
             yield self.batch(step)

@@ -14,6 +14,11 @@
   e.g. ``"resnet34"``, ``"efficientnet_b0"``, ``"convnext_tiny"``: its first convolution is
   rebuilt for the data's channels and its classifier replaced by the identity. Weights are
   random: nothing is downloaded.
+- ``"vit_mini"``, ``"vit_tiny"``, ``"vit_small"``, ``"vit_base"``: Vision Transformers built by
+  ``timm`` (``ViTBackbone``), with a patch size that follows ``image_size`` (``vit_patch_size``);
+  their features are the class token. Random weights as well.
+  - [4] ViT, Dosovitskiy et al., 2021, https://arxiv.org/abs/2010.11929
+  - [5] DeiT (the Tiny and Small widths), Touvron et al., 2021, https://arxiv.org/abs/2012.12877
 
 No Lightning and no dataset knowledge here: the number of input channels is an argument.
 """
@@ -24,6 +29,7 @@ from collections.abc import Callable
 
 import torch
 import torchvision
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 
@@ -275,6 +281,183 @@ def _resnet(name: str) -> Callable[..., nn.Module]:
     return build
 
 
+def vit_patch_size(image_size: int) -> int:
+    """The patch side a ViT uses for ``image_size`` px images: 4 up to 32 px, 8 up to 64 px, else 16.
+
+    16 px patches are ViT's choice at 224 px (14 x 14 tokens); small images keep a comparable
+    token grid with smaller patches (an 8 x 8 grid at 32 px with 4 px patches, as the ViTs
+    trained from scratch on CIFAR use; 8 x 8 at 64 px; 6 x 6 at 96 px).
+    """
+    if image_size < 1:
+        raise ValueError(f"image_size must be >= 1; got {image_size}")
+    if image_size <= 32:
+        return 4
+    if image_size <= 64:
+        return 8
+    return 16
+
+
+# name: (embed_dim, depth, num_heads), the shapes of timm's vit_{tiny,small,base}_patch16_224;
+# "vit_mini" is ViT-Tiny's width (192, 3 heads of 64) at half its depth (6 blocks), small enough
+# to train from scratch on 16-32 px images on a CPU.
+VIT_SHAPES: dict[str, tuple[int, int, int]] = {
+    "vit_mini": (192, 6, 3),
+    "vit_tiny": (192, 12, 3),
+    "vit_small": (384, 12, 6),
+    "vit_base": (768, 12, 12),
+}
+
+
+class ViTBackbone(VisionTransformer):
+    """timm's ``VisionTransformer`` with the class token as features, for any image size.
+
+    Pre-norm blocks (MLP ratio 4), a learned position embedding that includes the class token,
+    a final LayerNorm; no classifier (``num_classes=0``), so ``forward`` returns the normalised
+    class token (pre-logits), after dropout ``drop_rate``. ``dynamic_img_size=True``: images of
+    another side than ``image_size`` (multi-crop's local views) are accepted when their side is
+    a multiple of ``patch_size``, the position embedding being resampled (bicubic) to their token
+    grid. The state dict keys are timm's own, so the weights load into a
+    ``timm.models.vision_transformer.VisionTransformer`` built with the same arguments.
+
+    For methods that need more than the class token:
+
+    - ``embed_tokens``: patch embedding + position embedding (what the blocks take);
+    - ``forward_encoder_visible``: the encoder on a subset of the patch tokens (MAE);
+    - ``last_block_attention``: the class token's attention in the last block (DINO's maps).
+
+    - [0] ViT, Dosovitskiy et al., 2021, https://arxiv.org/abs/2010.11929
+    - [1] timm, Wightman, 2019, https://github.com/huggingface/pytorch-image-models
+
+    Args:
+        channels: input channels (``in_chans``).
+        image_size: side of the square images the position embedding is made for.
+        embed_dim: token width (= ``num_features``).
+        depth: number of transformer blocks.
+        num_heads: attention heads per block.
+        patch_size: patch side (default ``vit_patch_size(image_size)``); must divide ``image_size``.
+        drop_rate: dropout on the output features.
+        drop_path_rate: stochastic depth of the last block (linear in depth; DINO's ViT-S: 0.1).
+
+    Shape: (batch_size, channels, H, W) with H, W multiples of ``patch_size`` -> (batch_size, embed_dim).
+    """
+
+    def __init__(
+        self,
+        channels: int = 3,
+        image_size: int = 32,
+        embed_dim: int = 192,
+        depth: int = 6,
+        num_heads: int = 3,
+        patch_size: int | None = None,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+    ) -> None:
+        patch_size = vit_patch_size(image_size) if patch_size is None else patch_size
+        if patch_size < 1 or image_size % patch_size != 0:
+            raise ValueError(
+                f"a ViT needs image_size divisible by its patch size; got image_size={image_size} and "
+                f"patch_size={patch_size}; resize the images to a multiple of {patch_size} px (e.g. "
+                f"{max(patch_size, image_size // patch_size * patch_size)})."
+            )
+        if embed_dim % num_heads != 0:
+            raise ValueError(f"embed_dim must be divisible by num_heads; got {embed_dim} and {num_heads}")
+        super().__init__(
+            img_size=image_size,
+            patch_size=patch_size,
+            in_chans=channels,
+            num_classes=0,
+            global_pool="token",
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            dynamic_img_size=True,
+            drop_rate=drop_rate,
+            drop_path_rate=drop_path_rate,
+        )
+        self.patch_size = patch_size
+
+    def embed_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch embedding, then the position embedding (resampled to the image's token grid).
+
+        Token 0 is the class token, then the patches in row-major order of the
+        ``(H / patch_size, W / patch_size)`` grid.
+
+        Shape: (batch_size, channels, H, W) -> (batch_size, 1 + num_patches, embed_dim).
+        """
+        tokens = self._pos_embed(self.patch_embed(images))  # patch_embed gives (B, h, w, D) here
+        return self.norm_pre(self.patch_drop(tokens))
+
+    def forward_encoder_visible(self, images: torch.Tensor, keep_index: torch.Tensor) -> torch.Tensor:
+        """The encoder on the class token and the patches ``keep_index`` only (MAE's encoder).
+
+        Patches carry their position embedding before they are selected, so each kept token
+        knows where it was; the blocks and the final norm then see ``1 + num_kept`` tokens.
+        With every patch kept, token 0 of the output is ``forward``'s features (before dropout).
+
+        - [0] MAE (encoder on visible patches), He et al., 2022, https://arxiv.org/abs/2111.06377
+
+        Args:
+            images: Shape: (batch_size, channels, H, W).
+            keep_index: indices in ``[0, num_patches)`` of the patches to keep, per image
+                (row-major in the token grid). Shape: (batch_size, num_kept), integer.
+
+        Returns: the encoded tokens, class token first. Shape: (batch_size, 1 + num_kept, embed_dim).
+        """
+        if keep_index.ndim != 2 or keep_index.shape[0] != images.shape[0]:
+            raise ValueError(
+                f"keep_index must have shape (batch_size, num_kept) = ({images.shape[0]}, K); got "
+                f"{tuple(keep_index.shape)}"
+            )
+        if keep_index.is_floating_point():
+            raise ValueError(f"keep_index must hold integer indices; got {keep_index.dtype}")
+        tokens = self.embed_tokens(images)  # (B, 1 + N, D)
+        patches = tokens[:, self.num_prefix_tokens :]
+        index = keep_index.long().unsqueeze(-1).expand(-1, -1, patches.shape[-1])  # (B, K, D)
+        visible = torch.cat([tokens[:, : self.num_prefix_tokens], patches.gather(1, index)], dim=1)
+        return self.norm(self.blocks(visible))
+
+    def last_block_attention(self, images: torch.Tensor) -> torch.Tensor:
+        """The class token's attention over the patches in the last block, per head (DINO's maps).
+
+        The softmax of the last block's ``q_cls . k / sqrt(head_dim)``, without the class token's
+        attention to itself (so a head's weights sum to at most 1). Reshape to
+        ``(batch_size, num_heads, H / patch_size, W / patch_size)`` for an image.
+
+        - [0] DINO (self-attention maps, figure 1), Caron et al., 2021, https://arxiv.org/abs/2104.14294
+
+        Shape: (batch_size, channels, H, W) -> (batch_size, num_heads, num_patches).
+        """
+        tokens = self.embed_tokens(images)
+        for block in self.blocks[:-1]:
+            tokens = block(tokens)
+        last = self.blocks[-1]
+        attention = last.attn
+        batch_size, num_tokens, _ = tokens.shape
+        qkv = attention.qkv(last.norm1(tokens))  # (B, T, 3 * heads * head_dim)
+        qkv = qkv.reshape(batch_size, num_tokens, 3, attention.num_heads, attention.head_dim)
+        query, key, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, T, head_dim)
+        query, key = attention.q_norm(query), attention.k_norm(key)
+        cls_query = query[:, :, :1] * attention.scale  # (B, heads, 1, head_dim)
+        weights = (cls_query @ key.transpose(-2, -1)).softmax(dim=-1)  # (B, heads, 1, T)
+        return weights[:, :, 0, self.num_prefix_tokens :]
+
+
+def _vit(name: str) -> Callable[..., nn.Module]:
+    embed_dim, depth, num_heads = VIT_SHAPES[name]
+
+    def build(channels: int, drop_rate: float = 0.0, image_size: int | None = None) -> nn.Module:
+        if image_size is None:
+            raise ValueError(
+                f"backbone {name!r} needs image_size (its patch size and position embedding follow it); "
+                f"pass build_backbone({name!r}, channels, image_size=...)."
+            )
+        return ViTBackbone(
+            channels, image_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads, drop_rate=drop_rate
+        )
+
+    return build
+
+
 _BUILTIN: dict[str, Callable[..., nn.Module]] = {
     "small_cnn": lambda channels, drop_rate=0.0: SmallConvNet(channels, width=32, drop_rate=drop_rate),
     "small_cnn_wide": lambda channels, drop_rate=0.0: SmallConvNet(channels, width=64, drop_rate=drop_rate),
@@ -284,16 +467,23 @@ _BUILTIN: dict[str, Callable[..., nn.Module]] = {
     "wrn_28_8": _wide_resnet(8, groups=3),
     "wrn_37_2": _wide_resnet(2, groups=4),
 }
+_VIT: dict[str, Callable[..., nn.Module]] = {name: _vit(name) for name in VIT_SHAPES}
 
 
 def available_backbones() -> list[str]:
     """Every name ``build_backbone`` accepts."""
     torchvision_names = torchvision.models.list_models(module=torchvision.models)
-    return sorted(set(_BUILTIN) | set(torchvision_names))
+    return sorted(set(_BUILTIN) | set(_VIT) | set(torchvision_names))
 
 
-def build_backbone(name: str, channels: int, drop_rate: float = 0.0) -> nn.Module:
+def build_backbone(
+    name: str, channels: int, drop_rate: float = 0.0, image_size: int | None = None
+) -> nn.Module:
     """Build the backbone ``name`` for images with ``channels`` channels.
+
+    ``image_size`` is the side of the images it will see: the ViTs (``vit_*``) need it (their
+    patch size and position embedding follow it); the convolutional backbones take any size and
+    ignore it.
 
     Returns a module with ``num_features`` mapping (B, channels, H, W) -> (B, num_features).
     """
@@ -301,13 +491,15 @@ def build_backbone(name: str, channels: int, drop_rate: float = 0.0) -> nn.Modul
         raise ValueError(f"channels must be >= 1; got {channels}")
     if name in _BUILTIN:
         return _BUILTIN[name](channels, drop_rate=drop_rate)
+    if name in _VIT:
+        return _VIT[name](channels, drop_rate=drop_rate, image_size=image_size)
     if name in torchvision.models.list_models(module=torchvision.models):
         return TorchvisionBackbone(name, channels, small_stem=False, drop_rate=drop_rate)
     raise ValueError(f"unknown backbone {name!r}; choose one of: {', '.join(available_backbones())}")
 
 
 def first_conv_in_channels(module: nn.Module) -> int:
-    """The input channels a backbone expects (from its first Conv2d)."""
+    """The input channels a backbone expects (from its first Conv2d: a ViT's patch embedding)."""
     for layer in module.modules():
         if isinstance(layer, nn.Conv2d):
             return layer.in_channels

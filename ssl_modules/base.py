@@ -11,9 +11,11 @@ own ``training_step``.
 
 from __future__ import annotations
 
+import ast
 import inspect
 import math
 import os
+import textwrap
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from torch import nn
 
 from ssl_modules.augment import to_float_images
 from ssl_modules.backbones import build_backbone, first_conv_in_channels
+from ssl_modules.batch import images_and_labels, split_batch  # noqa: F401  (split_batch: re-exported)
 
 
 class WarmupCosine:
@@ -84,18 +87,11 @@ def _images_to_float(batch: Any) -> Any:
         return to_float_images(batch) if batch.ndim == 4 else batch
     if isinstance(batch, dict):
         return {key: _images_to_float(value) for key, value in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # LabeledBatch, UnlabeledBatch
+        return type(batch)(*(_images_to_float(value) for value in batch))
     if isinstance(batch, (list, tuple)):
         return type(batch)(_images_to_float(value) for value in batch)
     return batch
-
-
-def split_batch(
-    batch: Any,
-) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
-    """``(labeled, unlabeled)`` from a ``{"labeled", "unlabeled"}`` batch, or from a plain ``(x, y)``."""
-    if isinstance(batch, dict):
-        return batch["labeled"], batch.get("unlabeled")
-    return tuple(batch), None
 
 
 def load_pretrained_backbone_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -118,23 +114,43 @@ def load_pretrained_backbone_state(path: str | Path) -> tuple[dict[str, torch.Te
     return backbone, dict(checkpoint.get("hyper_parameters", {}))
 
 
+def _fixed_keywords(cls: type) -> set[str]:
+    """The keywords ``cls.__init__`` passes explicitly to ``super().__init__(...)`` (read from its
+    source; empty where the source cannot be read)."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls.__init__))
+        tree = ast.parse(source)
+    except (OSError, TypeError, SyntaxError):
+        return set()
+    fixed: set[str] = set()
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "__init__"
+            and isinstance(node.func.value, ast.Call)
+            and isinstance(node.func.value.func, ast.Name)
+            and node.func.value.func.id == "super"
+        ):
+            fixed |= {keyword.arg for keyword in node.keywords if keyword.arg is not None}
+    return fixed
+
+
 def _arguments_to_forget(module: nn.Module, frame: Any) -> list[str]:
     """The recorded ``__init__`` arguments that ``type(module)(**hparams)`` would refuse.
 
     Lightning's ``save_hyperparameters`` records the arguments of every ``__init__`` on the way
     from the concrete class down to ``SSLModuleBase``, and ``load_from_checkpoint`` passes them
-    all back to a class whose ``__init__`` takes ``**kwargs`` (it filters them by the signature
-    otherwise). A subclass written ``def __init__(self, *args, **kwargs)`` over ``SimCLRModule``
-    then receives ``backbone_channels``, an argument of ``SelfSupervisedModule`` that
-    ``SimCLRModule`` does not take (``allow_class_mismatch`` under ``FixMatchModule``):
-    ``TypeError: unexpected keyword argument``.
+    all back to a class whose ``__init__`` takes ``**kwargs``. Two kinds would be refused:
 
-    Going down from the concrete class through each ``**kwargs`` to the first ``__init__``
-    without one: when that is a class of this library, the arguments of the classes below it
-    that none of these declare are forgotten (this library reads none of them from
-    ``self.hparams``; its bases keep them as attributes). Nothing is forgotten for a concrete
-    class without ``**kwargs`` or when the first class without one is the user's (whose code
-    may read ``self.hparams``).
+    - an argument a class fixes for its base, ``super().__init__(backbone_channels=1, **kwargs)``
+      (colorization; a user's subclass fixing ``temperature=0.2``): passed back through
+      ``**kwargs`` it is a duplicate keyword;
+    - an argument of a class below the first ``__init__`` without ``**kwargs``, when that class
+      is one of this library's (a user's class without ``**kwargs`` is left alone: Lightning
+      filters the arguments by its signature, and the user's code may read ``self.hparams``).
+
+    These are forgotten; the classes that fix or hide them set them again on load.
 
     Args:
         frame: the frame of ``SSLModuleBase.__init__``.
@@ -163,15 +179,18 @@ def _arguments_to_forget(module: nn.Module, frame: Any) -> list[str]:
 
     if not levels or not forwards(levels[0][1]):
         return []
-    reachable: set[str] = set()
-    for depth, (owner, signature) in enumerate(levels):
-        reachable |= names(signature)
+    accepted: set[str] = set()
+    fixed_above: set[str] = set()
+    for owner, signature in levels:
+        declared = names(signature)
+        accepted |= declared - fixed_above
         if not forwards(signature):
             if owner.__module__.split(".")[0] != "ssl_modules":
                 return []
-            below = set().union(*(names(sig) for _, sig in levels[depth + 1 :]))
-            return sorted(below - reachable)
-    return []
+            break
+        fixed_above |= _fixed_keywords(owner) - declared
+    recorded = set().union(*(names(signature) for _, signature in levels))
+    return sorted(recorded - accepted)
 
 
 def _plain(value: Any) -> bool:
@@ -217,7 +236,19 @@ class ReseedEachStep(L.Callback):
 
 
 class SSLModuleBase(L.LightningModule):
-    """Base of every module. Subclasses call ``super().__init__`` with the data facts.
+    """Base of every module: the data facts, the optimizer and the scheduler, declared once.
+
+    A method's ``__init__`` states only its own hyper-parameters (with its paper's ``lr`` and
+    ``weight_decay``) and forwards the rest as keywords::
+
+        def __init__(self, temperature: float = 0.5, lr: float = 0.3, weight_decay: float = 1e-6, **kwargs):
+            super().__init__(lr=lr, weight_decay=weight_decay, **kwargs)
+            # the data facts are attributes from here on: self.image_size, self.channels, ...
+
+    The CLI sees every argument of the chain (jsonargparse follows ``**kwargs`` into the bases)
+    and links the six data facts from the datamodule. All arguments are keyword-only. The data
+    facts default to CIFAR-10's shape (10 classes, 3 x 32 x 32); a model built by hand for
+    other data must pass them.
 
     Args:
         num_classes: classes of the downstream task (linked from the datamodule).
@@ -233,16 +264,19 @@ class SSLModuleBase(L.LightningModule):
             stepped every optimizer step.
     """
 
+    part_arguments: tuple[str, ...] = ()  # __init__ arguments that are nn.Module parts (not saved as such)
+
     def __init__(
         self,
-        num_classes: int,
-        channels: int,
-        image_size: int,
-        mean: Sequence[float],
-        std: Sequence[float],
-        horizontal_flip: bool,
-        lr: float,
-        weight_decay: float,
+        *,
+        num_classes: int = 10,
+        channels: int = 3,
+        image_size: int = 32,
+        mean: Sequence[float] = (0.5, 0.5, 0.5),
+        std: Sequence[float] = (0.25, 0.25, 0.25),
+        horizontal_flip: bool = True,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
         optimizer: OptimizerCallable | None = None,
         scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -259,7 +293,10 @@ class SSLModuleBase(L.LightningModule):
         # the concrete class's arguments (a subclass's own and those it forwards with **kwargs),
         # so that ``type(self).load_from_checkpoint(path)`` can pass them all back
         forget = _arguments_to_forget(self, inspect.currentframe())
-        self.save_hyperparameters(ignore=["optimizer", "scheduler", *forget])
+        self._forgotten_arguments = frozenset(forget)
+        # arguments that are parts (nn.Module, e.g. FixMatch's rule) are recorded by their class as
+        # plain values, never as objects: a checkpoint loads with weights_only=True
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", *self.part_arguments, *forget])
         self.num_classes = num_classes
         self.channels = channels
         self.image_size = image_size
@@ -398,40 +435,23 @@ class ClassifierModule(SSLModuleBase):
             initialise the backbone when fitting starts (e.g. a SimCLR checkpoint).
         allow_class_mismatch: accept a ``pretrained`` checkpoint trained for another number of
             classes (only its backbone is used); without it such a checkpoint is refused.
-        the rest: as in ``SSLModuleBase``.
+        the rest (keywords): as in ``SSLModuleBase``.
     """
 
     def __init__(
         self,
-        num_classes: int,
-        channels: int,
-        image_size: int,
-        mean: Sequence[float],
-        std: Sequence[float],
-        horizontal_flip: bool,
-        lr: float,
-        weight_decay: float,
-        backbone: str,
+        *,
+        backbone: str = "small_cnn",
         drop_rate: float = 0.0,
-        optimizer: OptimizerCallable | None = None,
-        scheduler: LRSchedulerCallable | None = None,
         pretrained: str | None = None,
         allow_class_mismatch: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            num_classes,
-            channels,
-            image_size,
-            mean,
-            std,
-            horizontal_flip,
-            lr,
-            weight_decay,
-            optimizer,
-            scheduler,
+        super().__init__(**kwargs)
+        self.backbone = build_backbone(
+            backbone, self.channels, drop_rate=drop_rate, image_size=self.image_size
         )
-        self.backbone = build_backbone(backbone, channels, drop_rate=drop_rate)
-        self.classifier = nn.Linear(self.backbone.num_features, num_classes)
+        self.classifier = nn.Linear(self.backbone.num_features, self.num_classes)
         self.pretrained = pretrained
         self.allow_class_mismatch = allow_class_mismatch
         # 1 once the pretrained weights are in; saved, so a reloaded or resumed model never
@@ -500,7 +520,7 @@ class ClassifierModule(SSLModuleBase):
         return self(images)
 
     def _evaluate(self, batch: Any, stage: str) -> torch.Tensor:
-        images, labels = batch
+        images, labels = images_and_labels(batch)
         logits = self.evaluation_logits(images)
         loss = F.cross_entropy(logits, labels)
         accuracy = (logits.argmax(dim=1) == labels).float().mean()

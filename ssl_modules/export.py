@@ -34,6 +34,7 @@ import yaml
 from torch import nn
 
 from ssl_modules.backbones import TorchvisionBackbone, build_backbone
+from ssl_modules.batch import images_and_labels
 
 SPLITS = ("labeled", "unlabeled", "val", "test")
 OUTPUTS = ("embeddings", "probabilities", "predictions")
@@ -121,7 +122,9 @@ def _build_backbone(state: dict[str, torch.Tensor], hparams: dict[str, Any], pat
         raise ValueError(
             f"{str(path)!r} names no backbone in its hyper_parameters; was it saved by this library?"
         )
-    backbone = build_backbone(str(name), _input_channels(state, hparams))
+    backbone = build_backbone(
+        str(name), _input_channels(state, hparams), image_size=hparams.get("image_size")
+    )
     backbone.load_state_dict(state)
     return backbone
 
@@ -297,11 +300,10 @@ def split_loader(datamodule: Any, split: str) -> Any:
     if split == "test":
         return datamodule.test_dataloader()
     if split == "unlabeled":
-        from datamodules.base import IndexedSubset, batch_collate
+        from datamodules.base import NamedBatches, batch_collate
+        from ssl_modules.batch import UnlabeledBatch
 
-        pool = IndexedSubset(datamodule.train_dataset, datamodule.unlabeled_indices)
-        extra = datamodule.extra_unlabeled_dataset
-        dataset = pool if extra is None else torch.utils.data.ConcatDataset([pool, extra])
+        dataset = NamedBatches(datamodule._unlabeled_dataset(), UnlabeledBatch)
         return torch.utils.data.DataLoader(
             dataset, batch_size=datamodule.batch_size * 2, shuffle=False, collate_fn=batch_collate
         )
@@ -312,7 +314,8 @@ def split_loader(datamodule: Any, split: str) -> Any:
 @torch.no_grad()
 def _embed_all(module: Any, loader: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     features, labels = [], []
-    for images, targets in loader:
+    for batch in loader:
+        images, targets = images_and_labels(batch)
         features.append(module.embed(images.to(device)).float().cpu())
         labels.append(torch.as_tensor(targets).long())
     return torch.cat(features), torch.cat(labels)
@@ -370,7 +373,8 @@ def predict(
     else:
         probe = _offline_probe(module, datamodule, target)
         outputs, labels = [], []
-        for images, targets in loader:
+        for batch in loader:
+            images, targets = images_and_labels(batch)
             images = module.as_unit_float(images.to(target))
             logits = probe(module.embed(images)) if probe is not None else module.evaluation_logits(images)
             outputs.append(logits.float().softmax(dim=1).cpu())

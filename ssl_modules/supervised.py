@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from ssl_modules.augment import weak_augmentation
 from ssl_modules.base import ClassifierModule, split_batch
+from ssl_modules.batch import images_and_labels
 from ssl_modules.callbacks import log_image_grid
 from ssl_modules.evaluation.probe import fit_linear_probe
 from ssl_modules.evaluation.self_supervised import labeled_split_features
@@ -50,21 +49,16 @@ class SupervisedModule(ClassifierModule):
         augment: flip/shift the labeled images (off for a probe on fixed features).
         data facts and optimizer/scheduler: as in ``SSLModuleBase``.
 
-    Batch: ``{"labeled": (x, y), "unlabeled": ...}`` (unlabeled ignored) or ``(x, y)``;
-    x float in [0, 1], shape (batch_size, channels, image_size, image_size).
+    Batch: ``{"labeled": LabeledBatch}`` (``ssl_modules.batch``; it reads no unlabeled batch,
+    ``uses_unlabeled = False``); images float in [0, 1], shape (batch_size, channels,
+    image_size, image_size).
     """
 
     uses_unlabeled = False  # the datamodule then builds no unlabeled loader: no unlabeled images read
 
     def __init__(
         self,
-        num_classes: int = 10,
-        channels: int = 3,
-        image_size: int = 32,
-        mean: Sequence[float] = (0.5, 0.5, 0.5),
-        std: Sequence[float] = (0.25, 0.25, 0.25),
-        horizontal_flip: bool = True,
-        backbone: str = "small_cnn",
+        *,
         lr: float = 0.1,
         weight_decay: float = 5e-4,
         pretrained: str | None = None,
@@ -72,26 +66,19 @@ class SupervisedModule(ClassifierModule):
         allow_class_mismatch: bool = False,
         augment: bool = True,
         drop_rate: float = 0.0,
-        optimizer: OptimizerCallable | None = None,
-        scheduler: LRSchedulerCallable | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(
-            num_classes,
-            channels,
-            image_size,
-            mean,
-            std,
-            horizontal_flip,
-            lr,
-            weight_decay,
-            backbone,
-            drop_rate,
-            optimizer,
-            scheduler,
+            lr=lr,
+            weight_decay=weight_decay,
+            drop_rate=drop_rate,
             pretrained=pretrained,
             allow_class_mismatch=allow_class_mismatch,
+            **kwargs,
         )
-        self.augment = weak_augmentation(image_size, horizontal_flip) if augment else torch.nn.Identity()
+        self.augment = (
+            weak_augmentation(self.image_size, self.horizontal_flip) if augment else torch.nn.Identity()
+        )
         self.freeze_backbone = freeze_backbone
         if freeze_backbone:
             self.backbone.requires_grad_(False)
@@ -121,7 +108,7 @@ class SupervisedModule(ClassifierModule):
         probe = getattr(self, "_offline_probe", None)
         if probe is None:
             return super().test_step(batch, batch_idx)
-        images, labels = batch
+        images, labels = images_and_labels(batch)
         features = self.embed(images)
         size = len(labels)
         online = (self.classifier(features).argmax(1) == labels).float().mean()
@@ -131,7 +118,8 @@ class SupervisedModule(ClassifierModule):
         return None
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        (images, labels), _ = split_batch(batch)
+        labeled, _ = split_batch(batch)
+        images, labels = labeled.images, labeled.labels
         views = self.augment(images)  # flip + shift, batched on the device
         logits = self(views)  # (batch_size, num_classes)
         loss = F.cross_entropy(logits, labels)

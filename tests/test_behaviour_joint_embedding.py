@@ -47,6 +47,7 @@ from torch import nn
 import ssl_modules.evaluation.self_supervised as self_supervised
 from datamodules import SyntheticDataModule
 from ssl_modules import BarlowTwinsModule, BYOLModule, MoCoModule, SimCLRModule
+from ssl_modules.batch import LabeledBatch, train_batch
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*self.trainer. reference is not registered")
 
@@ -92,7 +93,7 @@ def make_batch(seed: int = 0, labels_offset: int = 0) -> dict:
     images = torch.rand(N, 1, 8, 8, generator=generator)
     labeled = torch.rand(N, 1, 8, 8, generator=generator)
     labels = (torch.randint(0, 3, (N,), generator=generator) + labels_offset) % 3
-    return {"labeled": (labeled, labels), "unlabeled": (images, torch.full((N,), -1))}
+    return train_batch(labeled, labels, images)  # hidden labels: -1 (unknown)
 
 
 def build(cls, **overrides) -> nn.Module:
@@ -165,8 +166,8 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     return (images - MEAN) / STD
 
 
-def probe_reference(model: nn.Module, labeled: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    images, labels = labeled
+def probe_reference(model: nn.Module, labeled: LabeledBatch) -> torch.Tensor:
+    images, labels = labeled.images, labeled.labels
     features = model.backbone(normalize(images)).detach()
     return F.cross_entropy(model.online_probe(features), labels)
 
@@ -228,7 +229,7 @@ def test_simclr_step_is_nt_xent_between_distinct_views(num_views):
     batch = make_batch()
     loss = run_step(model, batch)
 
-    images = batch["unlabeled"][0]
+    images = batch["unlabeled"].images
     z = [
         reference.projector(reference.backbone(normalize(view_transform(images, v))))
         for v in range(num_views)
@@ -255,7 +256,7 @@ def test_moco_step_matches_reference(symmetric):
     loss = run_step(model, batch)
     assert model.queue_pointer.item() == QUEUE_START + N  # advances by the batch size
 
-    images = batch["unlabeled"][0]
+    images = batch["unlabeled"].images
     views = [normalize(view_transform(images, v)) for v in (0, 1)]
     queries = [reference.projector(reference.backbone(v)) for v in views]
     with torch.no_grad():
@@ -299,7 +300,7 @@ def test_byol_step_matches_reference():
     batch = make_batch()
     loss = run_step(model, batch)
 
-    images = batch["unlabeled"][0]
+    images = batch["unlabeled"].images
     views = [normalize(view_transform(images, v)) for v in (0, 1)]
     online = [reference.predictor(reference.projector(reference.backbone(v))) for v in views]
     with torch.no_grad():  # the target: target backbone + projector, no predictor
@@ -323,7 +324,7 @@ def test_barlow_twins_step_matches_reference():
     batch = make_batch()
     loss = run_step(model, batch)
 
-    images = batch["unlabeled"][0]
+    images = batch["unlabeled"].images
     z = [reference.projector(reference.backbone(normalize(view_transform(images, v)))) for v in (0, 1)]
     expected = barlow_reference(z[0], z[1], LAMBDA)
     torch.testing.assert_close(model.logged["train/loss"], expected, atol=1e-5, rtol=1e-5)

@@ -32,6 +32,7 @@ from ssl_modules import (
     SupervisedModule,
 )
 from ssl_modules.augment.pretext import lab_to_rgb
+from ssl_modules.batch import UnlabeledBatch, train_batch
 
 GRAY = {"num_classes": 3, "channels": 1, "mean": (0.3,), "std": (0.4,), "horizontal_flip": False}
 RGB = {
@@ -64,10 +65,12 @@ def batch_of(channels: int, size: int, n_labeled: int = 4, n_unlabeled: int = 4,
     generator = torch.Generator().manual_seed(seed)
     labeled = torch.rand(n_labeled, channels, size, size, generator=generator)
     unlabeled = torch.rand(n_unlabeled, channels, size, size, generator=generator)
-    return {
-        "labeled": (labeled, torch.arange(n_labeled) % 3),
-        "unlabeled": (unlabeled, torch.randint(0, 3, (n_unlabeled,), generator=generator)),
-    }
+    return train_batch(
+        labeled,
+        torch.arange(n_labeled) % 3,
+        unlabeled,
+        torch.randint(0, 3, (n_unlabeled,), generator=generator),
+    )
 
 
 def record_backbone_inputs(model: nn.Module) -> list[torch.Tensor]:
@@ -138,7 +141,7 @@ def test_rotation_step_is_4way_cross_entropy_over_every_rotation_of_every_view()
     batch = batch_of(1, 8)
     loss = step(model, batch)
 
-    views = Shift()(torch.cat([batch["labeled"][0], batch["unlabeled"][0]]))
+    views = Shift()(torch.cat([batch["labeled"].images, batch["unlabeled"].images]))
     inputs, targets = [], []
     for image in views:  # image-major here, rotation-major in the module: the loss must not care
         for k in range(4):
@@ -146,7 +149,9 @@ def test_rotation_step_is_4way_cross_entropy_over_every_rotation_of_every_view()
             targets.append(k)
     logits = model.rotation_head(model.backbone(normalise(torch.stack(inputs), facts)))
     pretext = F.cross_entropy(logits, torch.tensor(targets))
-    probe = probe_loss_reference(model, *batch["labeled"], lambda x: normalise(x, facts))
+    probe = probe_loss_reference(
+        model, batch["labeled"].images, batch["labeled"].labels, lambda x: normalise(x, facts)
+    )
     torch.testing.assert_close(loss, pretext + probe, rtol=1e-5, atol=1e-6)
     assert_gradients_split(model, loss, pretext, probe, ["rotation_head"])
 
@@ -158,7 +163,7 @@ def test_rotation_label_is_the_counter_clockwise_quarter_turn():
     image = torch.zeros(1, 1, 8, 8)
     image[0, 0, 0, 7] = 1.0
     seen = record_backbone_inputs(model)
-    step(model, {"labeled": (image, torch.zeros(1, dtype=torch.long)), "unlabeled": None})
+    step(model, train_batch(image, torch.zeros(1, dtype=torch.long)))
     bright = (seen[0] * 0.4 + 0.3) > 0.5  # undo the normalisation
     corners = {0: (0, 7), 1: (0, 0), 2: (7, 0), 3: (7, 7)}
     # the module puts rotation k at index k (rotation-major) and labels it k
@@ -207,7 +212,7 @@ def test_jigsaw_label_is_the_index_of_the_permutation_that_shuffled_the_tiles():
     seen = record_backbone_inputs(model)
     loss = step(model, batch)
 
-    images = torch.cat([batch["labeled"][0], batch["unlabeled"][0]])  # (8, 1, 16, 16)
+    images = torch.cat([batch["labeled"].images, batch["unlabeled"].images])  # (8, 1, 16, 16)
     tiles = seen[0]
     # 16 px: cells of 16 // 3 = 5 px, tiles of 4 px (64/75 of a cell, at least 4): each tile is
     # an image of its own, not a stitched puzzle
@@ -228,8 +233,10 @@ def test_jigsaw_label_is_the_index_of_the_permutation_that_shuffled_the_tiles():
     features = model.backbone(tiles).view(8, -1)  # tile features concatenated in puzzle order
     pretext = F.cross_entropy(model.jigsaw_head(features), torch.tensor(labels))
     # the probe reads whole (normalised) images, not tiles
-    torch.testing.assert_close(seen[1], normalise(batch["labeled"][0], facts))
-    probe = probe_loss_reference(model, *batch["labeled"], lambda x: normalise(x, facts))
+    torch.testing.assert_close(seen[1], normalise(batch["labeled"].images, facts))
+    probe = probe_loss_reference(
+        model, batch["labeled"].images, batch["labeled"].labels, lambda x: normalise(x, facts)
+    )
     torch.testing.assert_close(loss, pretext + probe, rtol=1e-5, atol=1e-6)
     assert_gradients_split(model, loss, pretext, probe, ["jigsaw_head"])
 
@@ -313,7 +320,7 @@ def test_colorization_sees_only_lightness_and_predicts_the_true_ab(loss_kind):
     seen = record_backbone_inputs(model)
     loss = step(model, batch)
 
-    views = Shift()(torch.cat([batch["labeled"][0], batch["unlabeled"][0]]))
+    views = Shift()(torch.cat([batch["labeled"].images, batch["unlabeled"].images]))
     lab = lab_reference(views)
     lightness = lab[:, :1] / 50 - 1  # L in [0, 100] -> [-1, 1]
     assert seen[0].shape == (8, 1, 16, 16)
@@ -328,7 +335,9 @@ def test_colorization_sees_only_lightness_and_predicts_the_true_ab(loss_kind):
         pretext = rebalanced_cross_entropy(output, ab, centres, counts, 4, 6.0, 0.3)
     else:
         pretext = ((output - ab / 110) ** 2).mean()
-    probe = probe_loss_reference(model, *batch["labeled"], lambda x: lab_reference(x)[:, :1] / 50 - 1)
+    probe = probe_loss_reference(
+        model, batch["labeled"].images, batch["labeled"].labels, lambda x: lab_reference(x)[:, :1] / 50 - 1
+    )
     torch.testing.assert_close(loss, pretext + probe, rtol=2e-4, atol=1e-5)
     assert_gradients_split(model, loss, pretext, probe, ["decoder"], rtol=2e-3)
 
@@ -364,12 +373,14 @@ def test_denoising_autoencoder_encodes_the_corrupted_image_and_regresses_the_cle
     batch = batch_of(1, 8)
     seen = record_backbone_inputs(model)
     loss = step(model, batch)
-    clean = torch.cat([batch["labeled"][0], batch["unlabeled"][0]])
+    clean = torch.cat([batch["labeled"].images, batch["unlabeled"].images])
     corrupted = seen[0] * 0.4 + 0.3
     assert (corrupted - clean).abs().mean() > 0.05  # the encoder did not see the clean image
     reconstruction = model.decoder(model.backbone(seen[0]))  # from the code vector alone
     pretext = ((reconstruction - normalise(clean, facts)) ** 2).mean()  # against the CLEAN image
-    probe = probe_loss_reference(model, *batch["labeled"], lambda x: normalise(x, facts))
+    probe = probe_loss_reference(
+        model, batch["labeled"].images, batch["labeled"].labels, lambda x: normalise(x, facts)
+    )
     torch.testing.assert_close(loss, pretext + probe, rtol=1e-5, atol=1e-6)
     assert_gradients_split(model, loss, pretext, probe, ["decoder"])
 
@@ -378,7 +389,7 @@ def test_denoising_corruption_is_masking_noise_then_gaussian_noise_as_configured
     torch.manual_seed(0)
     facts = {**RGB, "image_size": 16}
     clean = 0.1 + 0.9 * torch.rand(8, 3, 16, 16)  # no pixel is 0 before masking
-    batch = {"labeled": (clean[:4], torch.arange(4) % 3), "unlabeled": (clean[4:], torch.zeros(4).long())}
+    batch = train_batch(clean[:4], torch.arange(4) % 3, clean[4:], torch.zeros(4).long())
     mean, std = torch.tensor(facts["mean"]).view(1, 3, 1, 1), torch.tensor(facts["std"]).view(1, 3, 1, 1)
 
     masking = DenoisingAutoencoder(**facts, mask_fraction=0.3, noise_std=0.0, decoder_width=8)
@@ -541,11 +552,14 @@ def test_supervised_baseline_reads_only_the_labeled_batch():
     model.augment = Shift()
     batch = batch_of(1, 8)
     loss = step(model, batch)
-    images, labels = batch["labeled"]
+    images, labels, _ = batch["labeled"]
     expected = F.cross_entropy(model.classifier(model.backbone(normalise(Shift()(images), facts))), labels)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     # the unlabeled half (images and hidden labels) changes nothing
-    other = {"labeled": batch["labeled"], "unlabeled": (torch.rand(7, 1, 8, 8), torch.randint(0, 3, (7,)))}
+    other = {
+        **batch,
+        "unlabeled": UnlabeledBatch(torch.rand(7, 1, 8, 8), torch.randint(0, 3, (7,)), torch.arange(7)),
+    }
     torch.testing.assert_close(step(model, other), expected, rtol=1e-5, atol=1e-6)
     loss.backward()
     assert all(p.grad is not None for p in model.backbone.parameters())  # the baseline trains its backbone
@@ -581,7 +595,7 @@ def test_frozen_backbone_is_a_linear_probe_on_fixed_eval_mode_features():
     model.on_train_batch_start(batch, 0)  # what the Trainer calls before every step
     assert not model.backbone.training
     loss = step(model, batch)
-    images, labels = batch["labeled"]
+    images, labels, _ = batch["labeled"]
     with torch.no_grad():
         features = eval_backbone(normalise(images, facts))
     expected = F.cross_entropy(model.classifier(features), labels)

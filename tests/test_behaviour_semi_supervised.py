@@ -34,7 +34,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import ssl_modules.semi_supervised.self_training as self_training_module
+from datamodules.base import NamedBatches
 from ssl_modules import FixMatchModule, SelfTrainingModule, StudentTeacherModule, SupervisedModule
+from ssl_modules.batch import LabeledBatch, UnlabeledBatch, train_batch
 from ssl_modules.ema import ema_update
 
 CLASSES, SIZE, MEAN, STD = 4, 8, 0.5, 0.25
@@ -59,10 +61,12 @@ def images(count: int, seed: int) -> torch.Tensor:
 
 
 def make_batch(labeled: int = 8, unlabeled: int = 16, seed: int = 0) -> dict:
-    return {
-        "labeled": (images(labeled, seed), torch.arange(labeled) % CLASSES),
-        "unlabeled": (images(unlabeled, seed + 100), torch.arange(unlabeled) % CLASSES),
-    }
+    return train_batch(
+        images(labeled, seed),
+        torch.arange(labeled) % CLASSES,
+        images(unlabeled, seed + 100),
+        torch.arange(unlabeled) % CLASSES,
+    )
 
 
 def normalized(x: torch.Tensor) -> torch.Tensor:
@@ -176,7 +180,7 @@ def parameter_names(model: nn.Module) -> set[str]:
 
 
 class PairedBatches(Dataset):
-    """``{"labeled": (x, y), "unlabeled": (x_u, y_hidden)}`` items of float images in [0, 1]."""
+    """``{"labeled": LabeledBatch, "unlabeled": UnlabeledBatch}`` items of float images in [0, 1]."""
 
     def __init__(self, count: int = 48) -> None:
         self.labeled, self.unlabeled = images(count, 1), images(count, 2)
@@ -186,9 +190,10 @@ class PairedBatches(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> dict:
+        position = torch.tensor(index)
         return {
-            "labeled": (self.labeled[index], self.labels[index]),
-            "unlabeled": (self.unlabeled[index], self.labels[index]),
+            "labeled": LabeledBatch(self.labeled[index], self.labels[index], position),
+            "unlabeled": UnlabeledBatch(self.unlabeled[index], self.labels[index], position),
         }
 
 
@@ -258,7 +263,7 @@ def test_fixmatch_loss_pseudo_labels_from_weak_view_taught_on_strong_view_mean_o
     ``q = softmax(f(weak(u)))`` (+ entropy of the strong views)."""
     torch.manual_seed(0)
     batch = make_batch()
-    (x, y), (u, _) = batch["labeled"], batch["unlabeled"]
+    (x, y, _), (u, _, _) = batch["labeled"], batch["unlabeled"]
     probe = FixMatchModule(**FACTS, confidence_threshold=0.0)
     sharpen(probe)
     calibrate_batchnorm(probe, torch.cat([x, u]))
@@ -419,7 +424,7 @@ def test_student_teacher_loss_is_alpha_ce_plus_one_minus_alpha_ramped_teacher_te
     config = CONFIGS[name]
     at_step(monkeypatch, StudentTeacherModule, step)
     batch = make_batch()
-    (x, y), (u, _) = batch["labeled"], batch["unlabeled"]
+    (x, y, _), (u, _, _) = batch["labeled"], batch["unlabeled"]
     everything = torch.cat([x, u])
     losses, parts = {}, {}
     for alpha in (0.8, 0.2):
@@ -502,7 +507,7 @@ def test_noisy_student_teacher_is_clean_and_deterministic_and_the_student_is_noi
     model.train()
     assert not any(m.training for m in model.teacher.modules())  # no dropout, running BatchNorm
     batch = make_batch()
-    clean = normalized(torch.cat([batch["labeled"][0], batch["unlabeled"][0]]))
+    clean = normalized(torch.cat([batch["labeled"].images, batch["unlabeled"].images]))
     for seed in (1, 2):
         torch.manual_seed(seed)
         model.training_step(batch, 0)
@@ -597,8 +602,12 @@ def test_self_training_round_pseudo_labels_are_the_round_start_labelers_selectio
     )
     unlabeled, hidden = images(40, 5), torch.arange(40) % CLASSES
     loaders = {
-        "labeled": DataLoader(TensorDataset(images(8, 4), torch.arange(8) % CLASSES), batch_size=8),
-        "unlabeled": DataLoader(TensorDataset(unlabeled, hidden), batch_size=16),
+        "labeled": DataLoader(
+            NamedBatches(TensorDataset(images(8, 4), torch.arange(8) % CLASSES)), batch_size=8
+        ),
+        "unlabeled": DataLoader(
+            NamedBatches(TensorDataset(unlabeled, hidden), UnlabeledBatch), batch_size=16
+        ),
     }
     recorder = RecordRoundStart()
     trainer(tmp_path, max_epochs=3, limit_train_batches=1, callbacks=[recorder]).fit(
@@ -636,7 +645,7 @@ def test_self_training_round_pseudo_labels_are_the_round_start_labelers_selectio
     model.train()
     batchnorm_eval(model.backbone)
     x, y = images(4, 4), torch.arange(4)
-    loss = model.training_step({"labeled": (x, y), "unlabeled": (unlabeled, hidden)}, 0)
+    loss = model.training_step(train_batch(x, y, unlabeled, hidden), 0)
     _, pseudo_labels, weights = spy.calls[0]
     assert torch.equal(pseudo_labels, predicted)
     want = expected * confidence if selection == "weighted" else expected
@@ -682,7 +691,7 @@ def test_self_training_online_loss_uses_the_students_own_prediction_and_the_sele
     model.student_augment = Fn(flip)
     model.train()
     batch = make_batch(unlabeled=24)
-    (x, y), (u, _) = batch["labeled"], batch["unlabeled"]
+    (x, y, _), (u, _, _) = batch["labeled"], batch["unlabeled"]
     calibrate_batchnorm(model, torch.cat([x, u]))
     loss = model.training_step(batch, 0)
 

@@ -29,6 +29,7 @@ from datamodules import (
 )
 from datamodules.base import batch_collate
 from datamodules.readers import load_pickle_safely, read_idx
+from ssl_modules.batch import LabeledBatch, UnlabeledBatch
 
 
 def read_all(dataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,7 +105,9 @@ def test_training_batch_is_labeled_and_unlabeled_uint8_with_true_hidden_labels()
     data = digits(labels_per_class=2, batch_size=8, unlabeled_batch_ratio=3)
     loaders = data.train_dataloader()
     assert set(loaders) == {"labeled", "unlabeled"}
-    (x, y), (u, y_hidden) = next(iter(loaders["labeled"])), next(iter(loaders["unlabeled"]))
+    labeled, unlabeled = next(iter(loaders["labeled"])), next(iter(loaders["unlabeled"]))
+    assert isinstance(labeled, LabeledBatch) and isinstance(unlabeled, UnlabeledBatch)
+    x, y, u, y_hidden = labeled.images, labeled.labels, unlabeled.images, unlabeled.hidden_labels
     assert x.shape == (8, 1, 16, 16) and u.shape == (24, 1, 16, 16)
     assert x.dtype == u.dtype == torch.uint8 and y.dtype == y_hidden.dtype == torch.int64
     # y_hidden is the true label: find each unlabeled image in the train set and compare
@@ -224,7 +227,7 @@ def test_stl10_reads_binaries_and_real_unlabeled_split_from_a_memmap(fake_stl10)
     assert torch.equal(single[0], torch.from_numpy(written["unlabeled"][0][3])) and single[1].item() == -1
     data.setup("fit")
     assert len(data._unlabeled_dataset()) == len(data.unlabeled_indices) + 25
-    x, y_hidden = next(iter(data.train_dataloader()["unlabeled"]))
+    x, y_hidden, _ = next(iter(data.train_dataloader()["unlabeled"]))
     assert x.shape == (4, 3, 96, 96) and x.dtype == torch.uint8 and y_hidden.min() >= -1
     without = STL10DataModule(root=str(root), download=False, use_unlabeled=False)
     assert without.load_split("unlabeled") is None
@@ -299,7 +302,7 @@ def test_image_folder_reads_nested_files_resizes_and_converts(fake_image_folder)
     assert sorted(set(np.asarray(train.targets).tolist())) == [0, 1, 2]
     assert any("/sub/" in path for path in train.paths) and not any(p.endswith(".txt") for p in train.paths)
     assert set(unlabeled.targets.tolist()) == {-1}
-    x, y = next(iter(data.train_dataloader()["labeled"]))
+    x = next(iter(data.train_dataloader()["labeled"])).images
     assert x.shape == (2, 3, 16, 16) and x.dtype == torch.uint8
     gray = ImageFolderDataModule(root=str(fake_image_folder), image_size=12, channels=1)
     gray.setup("fit")
@@ -371,7 +374,7 @@ class ShardRecorder(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         for part in ("labeled", "unlabeled"):
-            images = batch[part][0]
+            images = batch[part].images
             pixels = images if images.dtype == torch.uint8 else (images * 255).round().to(torch.uint8)
             self.seen[part].extend(pixels.flatten(1)[:, :16].tolist())
 

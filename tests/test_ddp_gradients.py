@@ -33,6 +33,7 @@ import torch.multiprocessing as mp
 
 from ssl_modules import BarlowTwinsModule, BYOLModule, MoCoModule, SimCLRModule
 from ssl_modules.augment.views import make_views
+from ssl_modules.batch import train_batch
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*self.trainer. reference is not registered")
 
@@ -91,13 +92,14 @@ def global_batch(step: int) -> dict:
     images = torch.rand(GLOBAL_BATCH, 1, 12, 12, generator=generator)
     labeled = torch.rand(GLOBAL_BATCH, 1, 12, 12, generator=generator)
     labels = torch.randint(0, 3, (GLOBAL_BATCH,), generator=generator)
-    return {"labeled": (labeled, labels), "unlabeled": (images, torch.full((GLOBAL_BATCH,), -1))}
+    return train_batch(labeled, labels, images)  # index 0 .. GLOBAL_BATCH - 1, hidden labels -1
 
 
 def slice_batch(batch: dict, rank: int, world_size: int) -> dict:
     size = GLOBAL_BATCH // world_size
     part = slice(rank * size, (rank + 1) * size)
-    return {key: tuple(tensor[part] for tensor in pair) for key, pair in batch.items()}
+    # each rank keeps its rows' fields, index included (the images' positions in the global batch)
+    return {key: type(named)(*(tensor[part] for tensor in named)) for key, named in batch.items()}
 
 
 def train(method: str, rank: int, world_size: int) -> dict[str, torch.Tensor]:
@@ -147,7 +149,7 @@ def distributed_results():
 
 def test_the_two_views_differ():
     model = build("simclr", GLOBAL_BATCH)
-    images = global_batch(0)["unlabeled"][0]
+    images = global_batch(0)["unlabeled"].images
     view_a, view_b = make_views(images, model.augment)
     assert (view_a - view_b).abs().mean() > 0.05
     torch.testing.assert_close(view_a, images)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import inspect
 import re
+import sys
+import types
 from pathlib import Path
 
 import lightning as L
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 import ssl_modules
 from datamodules import SyntheticDataModule
 from ssl_modules import FixMatchModule, SimCLRModule
+from ssl_modules.batch import train_batch
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 GRAY = dict(num_classes=3, channels=1, image_size=8, mean=(0.5,), std=(0.25,), horizontal_flip=False)
@@ -30,9 +33,12 @@ def readme_examples() -> dict[str, str]:
 
 
 def run_example(name: str) -> dict:
-    namespace: dict = {"__name__": f"readme_example_{name.replace(' ', '_')}"}
-    exec(compile(readme_examples()[name], f"README.md example {name!r}", "exec"), namespace)
-    return namespace
+    """The example run as a module of its own (importable by name: a checkpoint records a
+    pseudo-label rule by its class path, as for a user's own module)."""
+    module = types.ModuleType(f"readme_example_{re.sub(r'[^0-9a-zA-Z]+', '_', name)}")
+    sys.modules[module.__name__] = module
+    exec(compile(readme_examples()[name], f"README.md example {name!r}", "exec"), module.__dict__)
+    return module.__dict__
 
 
 def _data(**kwargs):
@@ -98,17 +104,30 @@ def test_readme_head_and_loss_example_trains_and_reloads(tmp_path):
 def test_readme_pseudo_label_example_follows_its_rule_trains_and_reloads(tmp_path):
     namespace = run_example("pseudo-label rule and teacher update")
     SoftFixMatch = namespace["SoftFixMatch"]
-    # the rule, against the formula written out: mean over the batch of confidence * CE(pseudo-label)
-    strong = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+    # the rule: every pseudo-label kept, weighted by its confidence
     weak = torch.randn(5, 3, generator=torch.Generator().manual_seed(1)).softmax(1)
-    loss, weights = namespace["ConfidenceWeighted"]()(strong, weak)
+    pseudo = namespace["ConfidenceWeighted"]()(weak, torch.arange(5))
     confidence, labels = weak.max(1)
-    expected = (confidence * F.cross_entropy(strong, labels, reduction="none")).sum() / 5
-    torch.testing.assert_close(loss, expected)
-    torch.testing.assert_close(weights, confidence)
+    torch.testing.assert_close(pseudo.weights, confidence)
+    assert torch.equal(pseudo.targets, labels)
 
     L.seed_everything(0)
     data = _data()
+    model = SoftFixMatch(**_facts(data), ema_start=100, ema_decay=0.5)
+    assert type(model.rule).__name__ == "ConfidenceWeighted"
+    # the module's unlabeled loss is the rule's: mean over the batch of confidence * CE(pseudo-label)
+    batch = train_batch(torch.rand(4, 1, 8, 8), torch.arange(4) % 3, torch.rand(5, 1, 8, 8))
+    model.weak = model.strong = torch.nn.Identity()  # the same view: the loss is a function of the images
+    unlabeled = batch["unlabeled"].images
+    with torch.no_grad():  # the step's one forward: labeled, weak and strong views together
+        logits = model(torch.cat([batch["labeled"].images, unlabeled, unlabeled]))
+    weak_logits, strong_logits = logits[4:].split(5)
+    confidence, labels = weak_logits.softmax(1).max(1)
+    expected = (
+        F.cross_entropy(logits[:4], batch["labeled"].labels)
+        + (confidence * F.cross_entropy(strong_logits, labels, reduction="none")).mean()
+    )
+    torch.testing.assert_close(model.training_step(batch, 0), expected, rtol=1e-4, atol=1e-5)
     model = SoftFixMatch(**_facts(data), ema_start=100, ema_decay=0.5)
     trainer = _trainer(max_steps=3)
     trainer.fit(model, datamodule=data)
@@ -119,9 +138,7 @@ def test_readme_pseudo_label_example_follows_its_rule_trains_and_reloads(tmp_pat
     trainer.save_checkpoint(tmp_path / "soft.ckpt")
     reloaded = SoftFixMatch.load_from_checkpoint(tmp_path / "soft.ckpt")
     _assert_same_module(reloaded, model)
-    assert (
-        reloaded.hparams.ema_start == 100 and type(reloaded.unlabeled_loss).__name__ == "ConfidenceWeighted"
-    )
+    assert reloaded.hparams.ema_start == 100 and type(reloaded.rule).__name__ == "ConfidenceWeighted"
 
 
 def _args_kwargs_subclass(cls: type) -> type:
@@ -154,9 +171,11 @@ def test_every_module_subclassed_with_args_and_kwargs_saves_and_reloads(name, tm
     reloaded.configure_optimizers()  # nothing the module reads from its hparams went missing
 
 
-def test_subclass_built_with_positional_arguments_reloads(tmp_path):
+def test_subclass_built_with_keywords_reloads_and_positional_arguments_are_refused(tmp_path):
     Extended = _args_kwargs_subclass(FixMatchModule)
-    model = Extended(3, 1, 8, (0.5,), (0.25,), False, "small_cnn", 0.7, extra=3.0)
+    with pytest.raises(TypeError, match="positional"):  # the constructors are keyword-only
+        Extended(3, 1, 8, (0.5,), (0.25,), False, "small_cnn", 0.7, extra=3.0)
+    model = Extended(**GRAY, backbone="small_cnn", confidence_threshold=0.7, extra=3.0)
     assert model.hparams.confidence_threshold == 0.7
     reloaded = Extended.load_from_checkpoint(_save(model, tmp_path / "positional.ckpt"))
     _assert_same_module(reloaded, model)
@@ -180,7 +199,14 @@ def test_subclass_with_a_fixed_signature_keeps_the_method_settings_it_fixes(tmp_
     class TinySimCLR(SimCLRModule):  # no **kwargs: sets the method's arguments itself
         def __init__(self, num_classes: int = 3, projection_dim: int = 4):
             super().__init__(
-                num_classes, 1, 8, (0.5,), (0.25,), False, projection_dim=projection_dim, lars=False
+                num_classes=num_classes,
+                channels=1,
+                image_size=8,
+                mean=(0.5,),
+                std=(0.25,),
+                horizontal_flip=False,
+                projection_dim=projection_dim,
+                lars=False,
             )
 
     model = TinySimCLR(projection_dim=6)

@@ -72,7 +72,7 @@ def _normalised(images: torch.Tensor, mean, std) -> torch.Tensor:
 @torch.no_grad()
 def _features(backbone: nn.Module, loader, mean, std) -> tuple[torch.Tensor, torch.Tensor]:
     features, labels = [], []
-    for images, targets in loader:
+    for images, targets, _ in loader:  # LabeledBatch(images, labels, index)
         features.append(backbone(_normalised(images, mean, std)))
         labels.append(targets)
     return torch.cat(features), torch.cat(labels)
@@ -119,7 +119,7 @@ def test_simclr_load_backbone_features_give_test_acc_with_the_offline_probe(fitt
 def test_fixmatch_load_backbone_is_the_ema_backbone_behind_test_acc(fitted):
     path, test_acc, model, data = fitted["fixmatch"]
     backbone = load_backbone(path)
-    x = next(iter(data.test_dataloader()))[0]
+    x = next(iter(data.test_dataloader())).images
     with torch.no_grad():
         ours = backbone(_normalised(x, data.mean, data.std))
         ema = model.ema_model.backbone(_normalised(x, data.mean, data.std))
@@ -215,7 +215,7 @@ def test_export_writes_a_plain_state_dict_that_loads_into_the_named_backbone(fit
     assert info["mean"] == pytest.approx(list(data.mean)) and info["std"] == pytest.approx(list(data.std))
     rebuilt = build_backbone("small_cnn", 1)
     rebuilt.load_state_dict(state)  # strict: every key, every shape
-    images = next(iter(data.test_dataloader()))[0]
+    images = next(iter(data.test_dataloader())).images
     with torch.no_grad():
         torch.testing.assert_close(
             rebuilt.eval()(_normalised(images, data.mean, data.std)),
@@ -248,7 +248,7 @@ def test_predict_command_writes_predictions_that_score_test_acc(name, fitted, tm
     out = tmp_path / "predictions.npy"
     main(["predict", str(path), "--split", "test", "--what", "predictions", "--out", str(out)])
     predictions = np.load(out)
-    labels = torch.cat([targets for _, targets in data.test_dataloader()]).numpy()
+    labels = torch.cat([batch.labels for batch in data.test_dataloader()]).numpy()
     assert predictions.shape == labels.shape
     assert float((predictions == labels).mean()) == pytest.approx(test_acc, abs=1e-6)
 

@@ -92,7 +92,7 @@ class StepRecorder(L.Callback):
         self.parts: set[str] = set()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.steps.append((trainer.current_epoch, batch_idx, batch["labeled"][1].tolist()))
+        self.steps.append((trainer.current_epoch, batch_idx, batch["labeled"].labels.tolist()))
         self.parts |= set(batch)
 
 
@@ -231,8 +231,8 @@ def test_cached_images_equal_a_fresh_decode(tmp_path: Path, cache: str) -> None:
     )
     assert torch.equal(train[0][0], pixels)
     # batches of the training loaders too (the batched path)
-    x, _ = next(iter(cached.train_dataloader()["unlabeled"]))
-    x_ref, _ = next(iter(reference.train_dataloader()["unlabeled"]))
+    x = next(iter(cached.train_dataloader()["unlabeled"])).images
+    x_ref = next(iter(reference.train_dataloader()["unlabeled"])).images
     assert x.dtype == torch.uint8 and torch.equal(x, x_ref)
 
 

@@ -63,8 +63,8 @@ def test_validation_loader_serves_the_held_out_train_images_not_test() -> None:
     data = make_data(val_size=6)
     data.setup("fit")
     assert data.has_validation_split
-    val_images = torch.cat([images for images, _ in data.val_dataloader()])
-    test_images = torch.cat([images for images, _ in data.test_dataloader()])
+    val_images = torch.cat([batch.images for batch in data.val_dataloader()])
+    test_images = torch.cat([batch.images for batch in data.test_dataloader()])
     assert len(val_images) == 6 and len(test_images) != 6
     held = data.val_dataset.indices
     expected = torch.stack([data.train_dataset[int(i)][0] for i in held])

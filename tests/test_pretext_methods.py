@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from datamodules import DigitsDataModule
 from ssl_modules import ColorizationPretext, DenoisingAutoencoder, JigsawPretext, RotationPretext
+from ssl_modules.batch import train_batch
 from ssl_modules.losses.pretext import (
     ColorizationLoss,
     ab_bin_centres,
@@ -142,9 +143,12 @@ def test_annealed_mean_of_a_confident_prediction_is_the_bin_centre():
 
 
 def _batch(channels: int, size: int = 16, n: int = 8):
-    labeled = (torch.rand(n, channels, size, size), torch.arange(n) % 10)
-    unlabeled = (torch.rand(n, channels, size, size), torch.randint(0, 10, (n,)))
-    return {"labeled": labeled, "unlabeled": unlabeled}
+    return train_batch(
+        torch.rand(n, channels, size, size),
+        torch.arange(n) % 10,
+        torch.rand(n, channels, size, size),
+        torch.randint(0, 10, (n,)),
+    )
 
 
 def _step(model, batch):
@@ -189,7 +193,9 @@ def test_pretext_losses_do_not_read_hidden_labels():
         twin = copy.deepcopy(model)  # colorization's step moves its bin-frequency prior
         torch.manual_seed(1)
         first = _step(model, batch)
-        batch["unlabeled"] = (batch["unlabeled"][0], batch["unlabeled"][1].flip(0) + 1)
+        batch["unlabeled"] = batch["unlabeled"]._replace(
+            hidden_labels=batch["unlabeled"].hidden_labels.flip(0) + 1
+        )
         torch.manual_seed(1)
         torch.testing.assert_close(_step(twin, batch), first)
 

@@ -44,6 +44,16 @@ def test_the_reference_set_is_there():
         "moco_v2_cifar10",
         "byol_cifar10",
         "barlow_twins_cifar10",
+        *(
+            f"{method}_{setting}"
+            for method in ("uda", "mixmatch", "flexmatch", "freematch", "softmatch")
+            for setting in ("cifar10_40", "cifar10_250", "cifar10_4000", "cifar100_400")
+        ),
+        "vicreg_cifar10",
+        "simsiam_cifar10",
+        "mae_cifar10",
+        "dino_cifar10",
+        "swav_cifar10",
     ):
         assert expected in names
 

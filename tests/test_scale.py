@@ -22,6 +22,7 @@ from datamodules import SyntheticDataModule
 from ssl_modules import FixMatchModule
 from ssl_modules.accel import CudaSpeedups, DeviceBatches, DeviceResidentDataModule
 from ssl_modules.backbones import WideResNet, build_backbone
+from ssl_modules.batch import train_batch
 from ssl_modules.semi_supervised._common import log_pseudo_label_stats
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,10 +172,7 @@ def test_fixmatch_on_wrn_gives_every_parameter_a_gradient():
         num_classes=4, channels=3, image_size=8, backbone="wrn_28_2", confidence_threshold=0.0
     )
     images = torch.rand(2, 3, 8, 8)
-    batch = {
-        "labeled": (images, torch.tensor([0, 1])),
-        "unlabeled": (torch.rand(4, 3, 8, 8), torch.full((4,), -1)),
-    }
+    batch = train_batch(images, torch.tensor([0, 1]), torch.rand(4, 3, 8, 8))
     model.training_step(batch, 1).backward()
     missing = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing
@@ -254,10 +252,12 @@ def test_fixmatch_step_logic_needs_no_tensor_values():
     stub = LogStub()
     model.log = stub.log
     meta = torch.device("meta")
-    batch = {
-        "labeled": (torch.rand(4, 3, 8, 8, device=meta), torch.zeros(4, dtype=torch.long, device=meta)),
-        "unlabeled": (torch.rand(8, 3, 8, 8, device=meta), torch.zeros(8, dtype=torch.long, device=meta)),
-    }
+    batch = train_batch(
+        torch.rand(4, 3, 8, 8, device=meta),
+        torch.zeros(4, dtype=torch.long, device=meta),
+        torch.rand(8, 3, 8, 8, device=meta),
+        torch.zeros(8, dtype=torch.long, device=meta),
+    )
     model.training_step(batch, 1).backward()
     model.ema_model.ema_from(model.backbone, model.classifier, 0.99)
     assert "train/pseudo_label_acc" in stub.logged
@@ -275,10 +275,12 @@ def make_batches(**kwargs) -> DeviceBatches:
 
 def test_device_batches_cover_every_image_once_per_pass():
     batches = make_batches()
-    labeled = torch.cat([batches.batch(step)["labeled"][1] for step in range(3)])  # 12 = 2 passes of 6
+    labeled = torch.cat([batches.batch(step)["labeled"].labels for step in range(3)])  # 12 = 2 passes of 6
     assert torch.bincount(labeled, minlength=6).tolist() == [2] * 6
     assert not torch.equal(labeled[:6], labeled[6:])  # every pass in a fresh order
-    unlabeled = torch.cat([batches.batch(step)["unlabeled"][1] for step in range(8)])  # one pass of 64
+    unlabeled = torch.cat(
+        [batches.batch(step)["unlabeled"].hidden_labels for step in range(8)]
+    )  # one pass of 64
     assert sorted(unlabeled.tolist()) == list(range(64))
     assert len(batches) == 8  # an epoch: one pass over the unlabeled pool
 
@@ -288,15 +290,15 @@ def test_device_batches_resume_where_they_stopped():
     the uninterrupted run drew at step 5, and a different seed draws something else."""
     uninterrupted = list(make_batches())
     resumed = next(iter(make_batches(start_step=lambda: 5)))
-    assert torch.equal(resumed["unlabeled"][1], uninterrupted[5]["unlabeled"][1])
-    assert torch.equal(resumed["labeled"][1], uninterrupted[5]["labeled"][1])
-    assert not torch.equal(uninterrupted[5]["unlabeled"][1], uninterrupted[4]["unlabeled"][1])
+    assert torch.equal(resumed["unlabeled"].index, uninterrupted[5]["unlabeled"].index)
+    assert torch.equal(resumed["labeled"].index, uninterrupted[5]["labeled"].index)
+    assert not torch.equal(uninterrupted[5]["unlabeled"].index, uninterrupted[4]["unlabeled"].index)
 
 
 def test_device_batches_split_the_data_over_ranks():
     ranks = [make_batches(rank=rank, world_size=2) for rank in range(2)]
     for step in range(4):  # 2 ranks x 4 steps x 8 = one pass over the 64 unlabeled images
-        first, second = (set(r.batch(step)["unlabeled"][1].tolist()) for r in ranks)
+        first, second = (set(r.batch(step)["unlabeled"].index.tolist()) for r in ranks)
         assert not first & second
     assert len(ranks[0]) == 4
 

@@ -9,9 +9,11 @@ import lightning as L
 import pytest
 import torch
 
+import ssl_modules.semi_supervised.fixmatch as fixmatch_module
 import ssl_modules.semi_supervised.self_training as self_training_module
 from datamodules.digits import DigitsDataModule
 from ssl_modules import FixMatchModule, SelfTrainingModule, StudentTeacherModule, SupervisedModule
+from ssl_modules.batch import train_batch
 from ssl_modules.ema import warn_if_ema_outlasts_run
 
 FACTS = {
@@ -36,16 +38,12 @@ def make_batch(
     channels: int = 1, size: int = 12, classes: int = 4, labeled: int = 8, unlabeled: int = 16
 ) -> dict:
     generator = torch.Generator().manual_seed(0)
-    return {
-        "labeled": (
-            torch.rand(labeled, channels, size, size, generator=generator),
-            torch.arange(labeled) % classes,
-        ),
-        "unlabeled": (
-            torch.rand(unlabeled, channels, size, size, generator=generator),
-            torch.arange(unlabeled) % classes,
-        ),
-    }
+    return train_batch(
+        torch.rand(labeled, channels, size, size, generator=generator),
+        torch.arange(labeled) % classes,
+        torch.rand(unlabeled, channels, size, size, generator=generator),
+        torch.arange(unlabeled) % classes,
+    )
 
 
 def save_checkpoint(model: L.LightningModule, path: str | Path) -> None:
@@ -169,9 +167,10 @@ def test_consistency_compares_the_student_with_the_teacher_not_a_network_with_it
     loss = model.training_step(batch, 0)
     student_logits, teacher_logits = spy.calls[0]
     assert student_logits.requires_grad and not teacher_logits.requires_grad
-    unlabeled = batch["unlabeled"][0]
+    unlabeled = batch["unlabeled"].images
     with torch.no_grad():
-        expected_student = model(torch.cat([batch["labeled"][0], unlabeled]))[len(batch["labeled"][0]) :]
+        labeled = batch["labeled"].images
+        expected_student = model(torch.cat([labeled, unlabeled]))[len(labeled) :]
         expected_teacher = model.teacher(model.normalize(unlabeled))
     assert torch.allclose(student_logits, expected_student, atol=1e-5)
     assert torch.allclose(teacher_logits, expected_teacher, atol=1e-5)
@@ -181,14 +180,21 @@ def test_consistency_compares_the_student_with_the_teacher_not_a_network_with_it
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.parameters())
 
 
-def test_fixmatch_pseudo_label_target_carries_no_gradient_and_the_strong_view_does() -> None:
+def test_fixmatch_pseudo_label_target_carries_no_gradient_and_the_strong_view_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     torch.manual_seed(0)
     model = FixMatchModule(**FACTS, confidence_threshold=0.0)
-    spy = Spy(model.unlabeled_loss)
-    model.unlabeled_loss = spy
+    rule_inputs: list[tuple[torch.Tensor, ...]] = []
+    model.rule.register_forward_pre_hook(lambda _, args: rule_inputs.append(args))
+    spy = Spy(fixmatch_module.weighted_pseudo_label_loss)
+    monkeypatch.setattr(fixmatch_module, "weighted_pseudo_label_loss", spy)
     model.train()
-    model.training_step(make_batch(), 0)
-    strong_logits, weak_probs = spy.calls[0]
+    batch = make_batch()
+    model.training_step(batch, 0)
+    weak_probs, index = rule_inputs[0]
+    strong_logits = spy.calls[0][0]
+    assert torch.equal(index, batch["unlabeled"].index)  # the rule is keyed on the images' own index
     assert strong_logits.requires_grad and not weak_probs.requires_grad
     assert torch.allclose(weak_probs.sum(dim=1), torch.ones(len(weak_probs)))
     assert not torch.allclose(strong_logits.softmax(dim=1), weak_probs, atol=1e-3)  # different views
@@ -210,7 +216,7 @@ def test_self_training_rounds_pseudo_labels_come_from_the_frozen_labeler(
     model.training_step(batch, 0)
     logits, pseudo_labels, weights = spy.calls[0]
     with torch.no_grad():
-        expected = model.labeler(model.normalize(batch["unlabeled"][0])).argmax(dim=1)
+        expected = model.labeler(model.normalize(batch["unlabeled"].images)).argmax(dim=1)
     assert logits.requires_grad
     assert torch.equal(pseudo_labels, expected)
     assert torch.equal(weights, torch.ones_like(weights))
@@ -397,9 +403,9 @@ def test_loss_does_not_read_hidden_labels(name: str, teacher_checkpoint: str) ->
     losses = []
     for permutation in (torch.arange(16), torch.randperm(16), torch.full((16,), -1)):
         batch = make_batch()
-        batch["unlabeled"] = (
-            batch["unlabeled"][0],
-            batch["unlabeled"][1][permutation] if permutation.min() >= 0 else permutation,
+        hidden = batch["unlabeled"].hidden_labels
+        batch["unlabeled"] = batch["unlabeled"]._replace(
+            hidden_labels=hidden[permutation] if permutation.min() >= 0 else permutation
         )
         torch.manual_seed(1)
         losses.append(model.training_step(batch, 1).item())

@@ -14,6 +14,7 @@ import ssl_modules.evaluation.self_supervised as self_supervised
 from datamodules.synthetic import SyntheticDataModule
 from ssl_modules.augment import to_float_images
 from ssl_modules.base import split_batch
+from ssl_modules.batch import train_batch
 from ssl_modules.evaluation import SelfSupervisedModule, fit_linear_probe, knn_predict
 
 
@@ -22,15 +23,15 @@ class ProbeOnly(SelfSupervisedModule):
 
     def __init__(self, num_classes: int = 4, channels: int = 3, image_size: int = 16) -> None:
         super().__init__(
-            num_classes,
-            channels,
-            image_size,
-            (0.5,) * channels,
-            (0.25,) * channels,
-            True,
-            0.01,
-            0.0,
-            "small_cnn",
+            num_classes=num_classes,
+            channels=channels,
+            image_size=image_size,
+            mean=(0.5,) * channels,
+            std=(0.25,) * channels,
+            horizontal_flip=True,
+            lr=0.01,
+            weight_decay=0.0,
+            backbone="small_cnn",
         )
 
     def training_step(self, batch, batch_idx):
@@ -122,7 +123,7 @@ def test_knn_predict_matches_a_plain_loop():
 def test_online_probe_sends_no_gradient_into_the_backbone():
     model = ProbeOnly()
     model.log = lambda *args, **kwargs: None
-    loss = model.online_probe_loss((torch.rand(6, 3, 16, 16), torch.arange(6) % 4))
+    loss = model.online_probe_loss(train_batch(torch.rand(6, 3, 16, 16), torch.arange(6) % 4)["labeled"])
     loss.backward()
     assert all(p.grad is None for p in model.backbone.parameters())
     assert model.online_probe.weight.grad is not None

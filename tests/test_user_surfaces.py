@@ -293,9 +293,20 @@ def _undocumented_arguments(cls: type) -> list[str]:
 
     parser = ArgumentParser()
     parser.add_class_arguments(cls, "init", fail_untyped=False)
-    names = inspect.signature(cls.__init__).parameters
-    helps = {action.dest[len("init.") :]: action.help for action in parser._actions}
-    return [name for name in names if name != "self" and not (helps.get(name) or "").strip()]
+    helps = {
+        action.dest[len("init.") :]: action.help
+        for action in parser._actions
+        if action.dest.startswith("init.") and not action.dest.endswith(".help")
+    }
+    # the method's own arguments, and those it forwards with **kwargs to its bases (data facts,
+    # optimizer, scheduler, backbone ...), which jsonargparse follows and shows too
+    own = [
+        p.name
+        for p in inspect.signature(cls.__init__).parameters.values()
+        if p.name != "self"
+        and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    ]
+    return [name for name in dict.fromkeys([*own, *helps]) if not (helps.get(name) or "").strip()]
 
 
 METHODS = [getattr(ssl_modules, name) for name in ssl_modules.__all__ if name.endswith(("Module", "Pretext"))]
@@ -384,7 +395,7 @@ class ShapeBug(SupervisedModule):
     """A user's subclass with a bug: torch raises a ValueError for the mismatched batch sizes."""
 
     def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
-        (images, labels), _ = batch["labeled"], None
+        images, labels = batch["labeled"].images, batch["labeled"].labels
         return F.cross_entropy(self(images)[:1], labels)
 
 

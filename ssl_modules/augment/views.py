@@ -4,7 +4,8 @@ Every call draws independent parameters for every image, so calling the pipeline
 a batch gives two independent views per image (``make_views``).
 
 - [0] SimCLR (appendix A: crop, flip, colour distortion, blur), Chen et al., 2020, https://arxiv.org/abs/2002.05709
-- [1] BYOL (the same family of views), Grill et al., 2020, https://arxiv.org/abs/2006.07733
+- [1] BYOL (the same family of views; asymmetric blur and solarization), Grill et al., 2020,
+  https://arxiv.org/abs/2006.07733
 """
 
 from __future__ import annotations
@@ -219,6 +220,74 @@ def simclr_views(
     return nn.Sequential(*ops)
 
 
+class RandomSolarize(nn.Module):
+    """Solarization with probability ``p`` per image: ``x -> x 1{x < threshold} + (1 - x) 1{x >= threshold}``.
+
+    BYOL's definition on images in [0, 1] (threshold 0.5), applied to every channel alike, so it
+    is the same operation for 1, 3 or any number of channels; one uniform draw per image decides.
+
+    - [0] BYOL (appendix B, solarization), Grill et al., 2020, https://arxiv.org/abs/2006.07733
+
+    Shape: (batch_size, C, H, W) float in [0, 1] -> same.
+    """
+
+    def __init__(self, p: float = 0.2, threshold: float = 0.5) -> None:
+        super().__init__()
+        if not 0 <= p <= 1:
+            raise ValueError(f"solarization probability p must be in [0, 1]; got {p}")
+        if not 0 <= threshold <= 1:
+            raise ValueError(f"threshold must be in [0, 1] (images are in [0, 1]); got {threshold}")
+        self.p, self.threshold = p, threshold
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        solarized = torch.where(images >= self.threshold, 1 - images, images)
+        apply = torch.rand(len(images), 1, 1, 1, device=images.device) < self.p  # (n, 1, 1, 1)
+        return torch.where(apply, solarized, images)
+
+
+# BYOL's two view distributions (table 6): the first view always blurred and never solarized,
+# the second rarely blurred and sometimes solarized.
+BYOL_BLUR_PROBABILITIES = (1.0, 0.1)
+BYOL_SOLARIZE_PROBABILITIES = (0.0, 0.2)
+
+
+def byol_views(
+    channels: int,
+    image_size: int,
+    horizontal_flip: bool = True,
+    crop_scale: Sequence[float] = (0.08, 1.0),
+    jitter_strength: float = 0.5,
+    blur: bool | None = None,
+) -> tuple[nn.Module, nn.Module]:
+    """BYOL's asymmetric pair of augmentations: ``simclr_views`` followed by solarization, with
+    blur probability 1.0 / 0.1 and solarization probability 0.0 / 0.2 for view 1 / view 2.
+
+    Blur follows ``simclr_views``' rule (default: only when ``image_size >= 64``), so on small
+    images the two views differ in solarization only, as in solo-learn's CIFAR recipe for BYOL.
+
+    - [0] BYOL (table 6, image augmentations), Grill et al., 2020, https://arxiv.org/abs/2006.07733
+
+    Returns:
+        (augment of view 1, augment of view 2); each maps (batch_size, channels, H, W) float in
+        [0, 1] -> (batch_size, channels, image_size, image_size).
+    """
+    augments = []
+    for blur_probability, solarize_probability in zip(BYOL_BLUR_PROBABILITIES, BYOL_SOLARIZE_PROBABILITIES):
+        augment = simclr_views(
+            channels,
+            image_size,
+            horizontal_flip,
+            crop_scale=crop_scale,
+            jitter_strength=jitter_strength,
+            blur=blur,
+            blur_probability=blur_probability,
+        )
+        if solarize_probability > 0:
+            augment.append(RandomSolarize(p=solarize_probability))
+        augments.append(augment)
+    return augments[0], augments[1]
+
+
 def make_views(images: torch.Tensor, augment: nn.Module, num_views: int = 2) -> list[torch.Tensor]:
     """``num_views`` independently augmented copies of ``images``, each clamped to [0, 1].
 
@@ -230,3 +299,14 @@ def make_views(images: torch.Tensor, augment: nn.Module, num_views: int = 2) -> 
     # per-call overhead of the augmentation is paid once instead of num_views times
     views = augment(images.repeat(num_views, 1, 1, 1)).clamp(0, 1)
     return list(views.chunk(num_views))
+
+
+def make_asymmetric_views(images: torch.Tensor, augments: Sequence[nn.Module]) -> list[torch.Tensor]:
+    """One view per augmentation (view ``v`` from ``augments[v]``, e.g. ``byol_views``), each
+    clamped to [0, 1]; parameters are drawn independently per image and view.
+
+    Shape: (batch_size, C, H, W) -> list of ``len(augments)`` tensors of the augmentations' output shape.
+    """
+    if len(augments) < 2:
+        raise ValueError(f"need at least 2 augmentations (one per view); got {len(augments)}")
+    return [augment(images).clamp(0, 1) for augment in augments]

@@ -123,7 +123,7 @@ class EmbeddingPlotCallback(L.Callback):
         if not getattr(datamodule, "has_validation_split", False):
             return
         features, labels, count = [], [], 0
-        for images, targets in datamodule.val_dataloader():
+        for images, targets, *_ in datamodule.val_dataloader():
             features.append(pl_module.embed(to_float_images(images.to(pl_module.device))).float().cpu())
             labels.append(targets)
             count += len(targets)

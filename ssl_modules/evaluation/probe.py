@@ -16,9 +16,10 @@ def extract_features(
     device: torch.device,
     to_float: Callable[[torch.Tensor], torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features and labels of every batch ``(images, labels)``; returns (N, dim), (N,)."""
+    """Features and labels of every batch (``LabeledBatch`` or ``(images, labels)``); returns (N, dim), (N,)."""
     features, labels = [], []
-    for images, targets in batches:
+    for batch in batches:
+        images, targets = batch[0], batch[1]
         features.append(embed(to_float(images.to(device))).float())
         labels.append(targets.to(device))
     return torch.cat(features), torch.cat(labels)

@@ -13,18 +13,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from ssl_modules.augment import to_float_images
 from ssl_modules.backbones import build_backbone
 from ssl_modules.base import SSLModuleBase
+from ssl_modules.batch import LabeledBatch, images_and_labels
 from ssl_modules.evaluation.knn import knn_predict
 from ssl_modules.evaluation.probe import LinearProbe, extract_features, fit_linear_probe
 
@@ -58,40 +58,23 @@ class SelfSupervisedModule(SSLModuleBase):
         backbone_channels: input channels of the backbone (default: the data's).
         knn_k: neighbours of the kNN monitor.
         probe_weight_decay: L2 penalty of the offline linear probe behind ``test/acc``.
-        data facts, lr, weight_decay, optimizer, scheduler: as in ``SSLModuleBase``.
+        data facts, lr, weight_decay, optimizer, scheduler (keywords): as in ``SSLModuleBase``.
     """
 
     def __init__(
         self,
-        num_classes: int,
-        channels: int,
-        image_size: int,
-        mean: Sequence[float],
-        std: Sequence[float],
-        horizontal_flip: bool,
-        lr: float,
-        weight_decay: float,
-        backbone: str,
+        *,
+        backbone: str = "small_cnn",
         backbone_channels: int | None = None,
         knn_k: int = 20,
         probe_weight_decay: float = 1e-3,
-        optimizer: OptimizerCallable | None = None,
-        scheduler: LRSchedulerCallable | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            num_classes,
-            channels,
-            image_size,
-            mean,
-            std,
-            horizontal_flip,
-            lr,
-            weight_decay,
-            optimizer,
-            scheduler,
+        super().__init__(**kwargs)
+        self.backbone = build_backbone(
+            backbone, backbone_channels or self.channels, image_size=self.image_size
         )
-        self.backbone = build_backbone(backbone, backbone_channels or channels)
-        self.online_probe = nn.Linear(self.backbone.num_features, num_classes)
+        self.online_probe = nn.Linear(self.backbone.num_features, self.num_classes)
         self.knn_k = knn_k
         self.probe_weight_decay = probe_weight_decay
         self._knn_bank: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -117,16 +100,14 @@ class SelfSupervisedModule(SSLModuleBase):
         return self.embed(images)
 
     # -- online probe -----------------------------------------------------------------
-    def online_probe_loss(
-        self, labeled: tuple[torch.Tensor, torch.Tensor], features: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def online_probe_loss(self, labeled: LabeledBatch, features: torch.Tensor | None = None) -> torch.Tensor:
         """Cross-entropy of the online probe on the labeled batch; the backbone gets no gradient.
 
         Args:
-            labeled: ``(images, labels)``, images float in [0, 1].
+            labeled: the batch's ``LabeledBatch``, images float in [0, 1].
             features: the labeled images' backbone features if the step already computed them.
         """
-        images, labels = labeled
+        images, labels = labeled.images, labeled.labels
         if features is None:
             with torch.no_grad():
                 features = self.embed(images)
@@ -160,7 +141,7 @@ class SelfSupervisedModule(SSLModuleBase):
             object.__setattr__(self, "_offline_probe", probe)
 
     def _evaluate(self, batch: Any, stage: str) -> None:
-        images, labels = batch
+        images, labels = images_and_labels(batch)
         features = self.embed(images)  # (batch_size, num_features)
         size = len(labels)
         online = self.online_probe(features).argmax(1)

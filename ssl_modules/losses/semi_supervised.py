@@ -142,22 +142,32 @@ def weighted_pseudo_label_loss(
     logits: torch.Tensor, pseudo_labels: torch.Tensor, weights: torch.Tensor
 ) -> torch.Tensor:
     """``1/N sum_i w_i CE(logits_i, pseudo_label_i)``: confidence-weighted (or masked, with 0/1
-    weights) pseudo-label cross-entropy, averaged over the whole batch.
+    weights) pseudo-label cross-entropy, averaged over the whole batch. With soft targets
+    ``t_i`` (rows summing to 1) the cross-entropy is ``-sum_c t_ic log softmax(logits_i)_c``.
 
     - [3] Pseudo-Label, Lee, 2013, https://www.kaggle.com/blobs/download/forum-message-attachment-files/746/pseudo_label_final.pdf
 
     Args:
         logits: Shape: (batch_size, num_classes); carries the gradient.
-        pseudo_labels: Shape: (batch_size,), int64 class indices.
+        pseudo_labels: Shape: (batch_size,), int64 class indices, or (batch_size, num_classes) soft targets.
         weights: Shape: (batch_size,), >= 0 (confidences, or a 0/1 mask).
     """
-    if logits.ndim != 2 or pseudo_labels.shape != logits.shape[:1] or weights.shape != logits.shape[:1]:
+    soft = pseudo_labels.ndim == 2
+    if (
+        logits.ndim != 2
+        or pseudo_labels.shape[:1] != logits.shape[:1]
+        or (soft and pseudo_labels.shape != logits.shape)
+        or weights.shape != logits.shape[:1]
+    ):
         raise ValueError(
-            f"expected logits (batch_size, num_classes), pseudo_labels and weights (batch_size,); got "
-            f"{tuple(logits.shape)}, {tuple(pseudo_labels.shape)}, {tuple(weights.shape)}"
+            f"expected logits (batch_size, num_classes), pseudo_labels (batch_size,) or like logits, and weights "
+            f"(batch_size,); got {tuple(logits.shape)}, {tuple(pseudo_labels.shape)}, {tuple(weights.shape)}"
         )
     if len(logits) == 0:
         return logits.sum() * 0.0
+    if soft:
+        per_image = -(pseudo_labels.float() * F.log_softmax(logits.float(), dim=1)).sum(dim=1)
+        return (per_image * weights.float()).mean()
     per_image = F.cross_entropy(logits.float(), pseudo_labels, reduction="none")
     return (per_image * weights.float()).mean()
 

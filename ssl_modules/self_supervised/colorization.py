@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from ssl_modules.augment import weak_augmentation
@@ -84,19 +82,13 @@ class ColorizationPretext(SelfSupervisedModule):
         knn_k, probe_weight_decay: evaluation (``SelfSupervisedModule``).
         data facts and optimizer/scheduler: as in ``SSLModuleBase``.
 
-    Batch: ``{"labeled": (x, y), "unlabeled": (x, y_hidden)}``; x float RGB in [0, 1],
-    shape (batch_size, 3, image_size, image_size).
+    Batch: ``{"labeled": LabeledBatch, "unlabeled": UnlabeledBatch}`` (``ssl_modules.batch``);
+    images float RGB in [0, 1], shape (batch_size, 3, image_size, image_size).
     """
 
     def __init__(
         self,
-        num_classes: int = 10,
-        channels: int = 3,
-        image_size: int = 32,
-        mean: Sequence[float] = (0.5, 0.5, 0.5),
-        std: Sequence[float] = (0.25, 0.25, 0.25),
-        horizontal_flip: bool = True,
-        backbone: str = "small_cnn",
+        *,
         loss: str = "classification",
         ab_grid_size: float = 10.0,
         soft_neighbours: int = 5,
@@ -107,38 +99,28 @@ class ColorizationPretext(SelfSupervisedModule):
         decoder_width: int = 64,
         lr: float = 1e-3,
         weight_decay: float = 1e-3,
-        knn_k: int = 20,
-        probe_weight_decay: float = 1e-3,
-        optimizer: OptimizerCallable | None = None,
-        scheduler: LRSchedulerCallable | None = None,
+        **kwargs: Any,
     ) -> None:
-        if channels != 3:
-            raise ValueError(
-                f"ColorizationPretext needs colour (3-channel RGB) images, but the data has {channels} channel(s): "
-                "there is no colour to predict. Use a colour dataset (e.g. configs/data/image_folder.yaml on "
-                "images made by benchmarks/make_color_folder.py, or CIFAR-10) or another pretext task."
-            )
         if loss not in ("classification", "regression"):
             raise ValueError(f"loss must be 'classification' or 'regression'; got {loss!r}")
         if output_stride < 1:
             raise ValueError(f"output_stride must be >= 1; got {output_stride}")
-        super().__init__(
-            num_classes,
-            channels,
-            image_size,
-            mean,
-            std,
-            horizontal_flip,
-            lr,
-            weight_decay,
-            backbone,
-            backbone_channels=1,
-            knn_k=knn_k,
-            probe_weight_decay=probe_weight_decay,
-            optimizer=optimizer,
-            scheduler=scheduler,
-        )
-        self.augment = weak_augmentation(image_size, horizontal_flip)
+        # the backbone reads the lightness channel alone; a checkpoint in the previous (flat)
+        # hyper-parameter format records that as backbone_channels=1
+        backbone_channels = kwargs.pop("backbone_channels", 1)
+        if backbone_channels != 1:
+            raise ValueError(
+                f"ColorizationPretext's backbone reads the lightness channel only: backbone_channels is fixed to 1; "
+                f"got {backbone_channels}. Leave it unset."
+            )
+        super().__init__(lr=lr, weight_decay=weight_decay, backbone_channels=1, **kwargs)
+        if self.channels != 3:
+            raise ValueError(
+                f"ColorizationPretext needs colour (3-channel RGB) images, but the data has {self.channels} channel(s): "
+                "there is no colour to predict. Use a colour dataset (e.g. configs/data/image_folder.yaml on "
+                "images made by benchmarks/make_color_folder.py, or CIFAR-10) or another pretext task."
+            )
+        self.augment = weak_augmentation(self.image_size, self.horizontal_flip)
         centres = ab_bin_centres(ab_grid_size)  # (num_bins, 2)
         self.register_buffer("ab_centres", centres)
         self.register_buffer("ab_bin_counts", torch.ones(len(centres)))
@@ -165,7 +147,7 @@ class ColorizationPretext(SelfSupervisedModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         labeled, unlabeled = split_batch(batch)
         # images alone: labels are never read by the pretext loss
-        images = labeled[0] if unlabeled is None else torch.cat([labeled[0], unlabeled[0]])
+        images = labeled.images if unlabeled is None else torch.cat([labeled.images, unlabeled.images])
         lab = rgb_to_lab(self.augment(images))  # (B, 3, H, W), on the device
         output, ab = self.predict_ab_output(lab)  # (B, num_bins or 2, h, w), (B, 2, h, w)
         if self.hparams.loss == "classification":

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from ssl_modules.augment.pretext import corrupt
@@ -74,49 +72,26 @@ class DenoisingAutoencoder(SelfSupervisedModule):
         knn_k, probe_weight_decay: evaluation (``SelfSupervisedModule``).
         data facts and optimizer/scheduler: as in ``SSLModuleBase``.
 
-    Batch: ``{"labeled": (x, y), "unlabeled": (x, y_hidden)}``; x float in [0, 1],
-    shape (batch_size, channels, image_size, image_size).
+    Batch: ``{"labeled": LabeledBatch, "unlabeled": UnlabeledBatch}`` (``ssl_modules.batch``); images
+    float in [0, 1], shape (batch_size, channels, image_size, image_size).
     """
 
     def __init__(
         self,
-        num_classes: int = 10,
-        channels: int = 3,
-        image_size: int = 32,
-        mean: Sequence[float] = (0.5, 0.5, 0.5),
-        std: Sequence[float] = (0.25, 0.25, 0.25),
-        horizontal_flip: bool = True,
-        backbone: str = "small_cnn",
+        *,
         mask_fraction: float = 0.25,
         noise_std: float = 0.1,
         decoder_width: int = 64,
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
-        knn_k: int = 20,
-        probe_weight_decay: float = 1e-3,
-        optimizer: OptimizerCallable | None = None,
-        scheduler: LRSchedulerCallable | None = None,
+        **kwargs: Any,
     ) -> None:
         if not 0.0 <= mask_fraction < 1.0 or noise_std < 0:
             raise ValueError(
                 f"mask_fraction must be in [0, 1) and noise_std >= 0; got {mask_fraction}, {noise_std}"
             )
-        super().__init__(
-            num_classes,
-            channels,
-            image_size,
-            mean,
-            std,
-            horizontal_flip,
-            lr,
-            weight_decay,
-            backbone,
-            knn_k=knn_k,
-            probe_weight_decay=probe_weight_decay,
-            optimizer=optimizer,
-            scheduler=scheduler,
-        )
-        self.decoder = ConvDecoder(self.backbone.num_features, channels, image_size, decoder_width)
+        super().__init__(lr=lr, weight_decay=weight_decay, **kwargs)
+        self.decoder = ConvDecoder(self.backbone.num_features, self.channels, self.image_size, decoder_width)
 
     def reconstruct(self, corrupted: torch.Tensor) -> torch.Tensor:
         """Corrupted images in [0, 1] -> reconstruction in the normalised pixel space, same shape."""
@@ -125,7 +100,7 @@ class DenoisingAutoencoder(SelfSupervisedModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         labeled, unlabeled = split_batch(batch)
         # images alone: labels are never read by the pretext loss
-        images = labeled[0] if unlabeled is None else torch.cat([labeled[0], unlabeled[0]])
+        images = labeled.images if unlabeled is None else torch.cat([labeled.images, unlabeled.images])
         corrupted, _ = corrupt(images, self.hparams.mask_fraction, self.hparams.noise_std)  # (B, C, H, W)
         reconstruction = self.reconstruct(corrupted)  # (B, C, H, W), normalised space
         pretext_loss = F.mse_loss(reconstruction.float(), self.normalize(images))

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from ssl_modules.augment.pretext import (
     hamming_permutation_set,
@@ -46,46 +44,23 @@ class JigsawPretext(SelfSupervisedModule):
         knn_k, probe_weight_decay: evaluation (``SelfSupervisedModule``).
         data facts and optimizer/scheduler: as in ``SSLModuleBase``.
 
-    Batch: ``{"labeled": (x, y), "unlabeled": (x, y_hidden)}``; x float in [0, 1],
-    shape (batch_size, channels, image_size, image_size). Logs ``train/pretext_acc``.
+    Batch: ``{"labeled": LabeledBatch, "unlabeled": UnlabeledBatch}`` (``ssl_modules.batch``); images
+    float in [0, 1], shape (batch_size, channels, image_size, image_size). Logs ``train/pretext_acc``.
     """
 
     def __init__(
         self,
-        num_classes: int = 10,
-        channels: int = 3,
-        image_size: int = 32,
-        mean: Sequence[float] = (0.5, 0.5, 0.5),
-        std: Sequence[float] = (0.25, 0.25, 0.25),
-        horizontal_flip: bool = True,
-        backbone: str = "small_cnn",
+        *,
         grid_size: int = 3,
         num_permutations: int = 100,
         permutation_seed: int = 0,
         head_hidden: int = 512,
         lr: float = 0.01,
         weight_decay: float = 5e-4,
-        knn_k: int = 20,
-        probe_weight_decay: float = 1e-3,
-        optimizer: OptimizerCallable | None = None,
-        scheduler: LRSchedulerCallable | None = None,
+        **kwargs: Any,
     ) -> None:
-        jigsaw_geometry(image_size, grid_size)  # fails early, naming the smallest image that works
-        super().__init__(
-            num_classes,
-            channels,
-            image_size,
-            mean,
-            std,
-            horizontal_flip,
-            lr,
-            weight_decay,
-            backbone,
-            knn_k=knn_k,
-            probe_weight_decay=probe_weight_decay,
-            optimizer=optimizer,
-            scheduler=scheduler,
-        )
+        super().__init__(lr=lr, weight_decay=weight_decay, **kwargs)
+        jigsaw_geometry(self.image_size, grid_size)  # fails early, naming the smallest image that works
         self.grid_size = grid_size
         num_tiles = grid_size * grid_size
         self.register_buffer(
@@ -103,7 +78,7 @@ class JigsawPretext(SelfSupervisedModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         labeled, unlabeled = split_batch(batch)
         # images alone: labels are never read by the pretext loss
-        images = labeled[0] if unlabeled is None else torch.cat([labeled[0], unlabeled[0]])
+        images = labeled.images if unlabeled is None else torch.cat([labeled.images, unlabeled.images])
         permutation = torch.randint(len(self.permutations), (len(images),), device=images.device)  # (B,)
         tiles = jigsaw_tiles(images, self.permutations, permutation, self.grid_size)  # (B, T, C, t, t)
         logits = self.puzzle_logits(tiles)  # (B, num_permutations)

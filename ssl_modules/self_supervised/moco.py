@@ -2,26 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
 
 from ssl_modules import dist
-from ssl_modules.augment.views import make_views, simclr_views
-from ssl_modules.base import split_batch
-from ssl_modules.callbacks.embeddings import log_alignment_uniformity, log_views
-from ssl_modules.ema import copy_frozen, cosine_momentum, ema_update
-from ssl_modules.evaluation.self_supervised import SelfSupervisedModule
-from ssl_modules.heads import MLPHead
+from ssl_modules.augment.views import simclr_views
+from ssl_modules.ema import copy_frozen
+from ssl_modules.heads import projection_head
 from ssl_modules.losses.contrastive import InfoNCELoss
-from ssl_modules.optim import joint_embedding_optimizer
+from ssl_modules.self_supervised.joint_embedding import JointEmbeddingLoss, JointEmbeddingModule
 
 
-class MoCoModule(SelfSupervisedModule):
+class MoCoModule(JointEmbeddingModule):
     """MoCo v2: InfoNCE of a query against its momentum-encoded key and a queue of negatives.
 
     The key encoder (``momentum_backbone`` + ``momentum_projector``) is a frozen copy updated
@@ -55,13 +51,7 @@ class MoCoModule(SelfSupervisedModule):
 
     def __init__(
         self,
-        num_classes: int = 10,
-        channels: int = 3,
-        image_size: int = 32,
-        mean: Sequence[float] = (0.5, 0.5, 0.5),
-        std: Sequence[float] = (0.25, 0.25, 0.25),
-        horizontal_flip: bool = True,
-        backbone: str = "small_cnn",
+        *,
         projection_hidden_dim: int = 2048,
         projection_dim: int = 128,
         temperature: float = 0.2,
@@ -73,36 +63,23 @@ class MoCoModule(SelfSupervisedModule):
         lr: float = 0.03,
         weight_decay: float = 1e-4,
         lars: bool = False,
-        optimizer: OptimizerCallable | None = None,
-        scheduler: LRSchedulerCallable | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            num_classes,
-            channels,
-            image_size,
-            mean,
-            std,
-            horizontal_flip,
-            lr,
-            weight_decay,
-            backbone,
-            optimizer=optimizer,
-            scheduler=scheduler,
-        )
+        super().__init__(lr=lr, weight_decay=weight_decay, **kwargs)
         if queue_size < 1:
             raise ValueError(f"queue_size must be >= 1; got {queue_size}")
         if not 0 <= base_momentum <= 1:
             raise ValueError(f"base_momentum must be in [0, 1]; got {base_momentum}")
-        self.projector = MLPHead(
-            self.backbone.num_features, [projection_hidden_dim], projection_dim, norm_layer=None
+        self.projector = projection_head(
+            self.backbone.num_features, projection_hidden_dim, projection_dim, batch_norm=False
         )
         self.momentum_backbone = copy_frozen(self.backbone)
         self.momentum_projector = copy_frozen(self.projector)
         self.criterion = InfoNCELoss(temperature)
         self.augment = simclr_views(
-            channels,
-            image_size,
-            horizontal_flip,
+            self.channels,
+            self.image_size,
+            self.horizontal_flip,
             crop_scale=(crop_min_scale, 1.0),
             jitter_strength=jitter_strength,
         )
@@ -110,38 +87,30 @@ class MoCoModule(SelfSupervisedModule):
         self.register_buffer("queue_pointer", torch.zeros((), dtype=torch.long))
         self._queue_size_checked = False
 
-    def momentum(self) -> float:
-        """Key-encoder momentum: a pure function of ``global_step``."""
-        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1
-        return cosine_momentum(self.global_step, int(total), self.hparams.base_momentum)
+    def view_groups(self, views: list[torch.Tensor]) -> list[list[int]]:
+        # v2 encodes only the query view online; the symmetrised loss encodes each view in its
+        # own call (BatchNorm statistics per view, as the key encoder sees them)
+        return [[0], [1]] if self.hparams.symmetric else [[0]]
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        labeled, unlabeled = split_batch(batch)
-        images = (unlabeled or labeled)[0]  # y_hidden is never read
-        self.check_images(images)
-        self._check_queue_size(len(images))
-        view_q, view_k = make_views(images, self.augment)  # independent parameters per image and view
-        query_q = self.projector(self.backbone(self.normalize(view_q)))  # (n, projection_dim)
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.backbone, self.momentum_backbone), (self.projector, self.momentum_projector)]
+
+    def joint_embedding_loss(
+        self, views: list[torch.Tensor], features: list[torch.Tensor | None]
+    ) -> JointEmbeddingLoss:
+        self._check_queue_size(len(views[0]))
+        query_q = self.projector(features[0])  # (n, projection_dim)
         with torch.no_grad():  # stop-gradient: keys come from the momentum encoder
-            key_k = self.momentum_projector(
-                self.momentum_backbone(self.normalize(view_k))
-            )  # (n, projection_dim)
+            key_k = self.momentum_projector(self.momentum_backbone(self.backbone_input(views[1])))
         negatives = self.queue.clone()  # (queue_size, projection_dim); the enqueue below is in place
         loss = self.criterion(query_q, key_k, negatives)
         if self.hparams.symmetric:
-            query_k = self.projector(self.backbone(self.normalize(view_k)))
+            query_k = self.projector(features[1])
             with torch.no_grad():
-                key_q = self.momentum_projector(self.momentum_backbone(self.normalize(view_q)))
+                key_q = self.momentum_projector(self.momentum_backbone(self.backbone_input(views[0])))
             loss = (loss + self.criterion(query_k, key_q, negatives)) / 2
         self.enqueue(key_k)
-
-        probe_loss = self.online_probe_loss(labeled)  # detached features: no gradient into the backbone
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/momentum", self.momentum())
-        log_alignment_uniformity(self, query_q.detach(), key_k)
-        if self.global_step == 0 and batch_idx == 0:
-            log_views(self, [view_q, view_k])
-        return loss + probe_loss
+        return JointEmbeddingLoss(loss, query_q, key_k)
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:
@@ -152,12 +121,6 @@ class MoCoModule(SelfSupervisedModule):
         slots = (self.queue_pointer + torch.arange(len(keys), device=keys.device)) % size
         self.queue[slots] = keys.to(self.queue.dtype)
         self.queue_pointer.copy_((self.queue_pointer + len(keys)) % size)
-
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        super().optimizer_step(*args, **kwargs)
-        momentum = self.momentum()
-        ema_update(self.momentum_backbone, self.backbone, momentum)
-        ema_update(self.momentum_projector, self.projector, momentum)
 
     def _check_queue_size(self, batch_size: int) -> None:
         if self._queue_size_checked or self._trainer is None:
@@ -185,6 +148,3 @@ class MoCoModule(SelfSupervisedModule):
             self.queue.data = torch.empty_like(saved, device=self.queue.device)
             self._queue_size_checked = True
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def default_optimizer(self, params: Any) -> torch.optim.Optimizer:
-        return joint_embedding_optimizer(self, self.hparams.lr, self.hparams.weight_decay, self.hparams.lars)

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from ssl_modules.augment import weak_augmentation
 from ssl_modules.augment.pretext import rotation_batch
@@ -35,43 +33,20 @@ class RotationPretext(SelfSupervisedModule):
         knn_k, probe_weight_decay: evaluation (``SelfSupervisedModule``).
         data facts and optimizer/scheduler: as in ``SSLModuleBase``.
 
-    Batch: ``{"labeled": (x, y), "unlabeled": (x, y_hidden)}``; x float in [0, 1],
-    shape (batch_size, channels, image_size, image_size). Logs ``train/pretext_acc``.
+    Batch: ``{"labeled": LabeledBatch, "unlabeled": UnlabeledBatch}`` (``ssl_modules.batch``); images
+    float in [0, 1], shape (batch_size, channels, image_size, image_size). Logs ``train/pretext_acc``.
     """
 
     def __init__(
         self,
-        num_classes: int = 10,
-        channels: int = 3,
-        image_size: int = 32,
-        mean: Sequence[float] = (0.5, 0.5, 0.5),
-        std: Sequence[float] = (0.25, 0.25, 0.25),
-        horizontal_flip: bool = True,
-        backbone: str = "small_cnn",
+        *,
         head_hidden: int = 256,
         lr: float = 0.1,
         weight_decay: float = 5e-4,
-        knn_k: int = 20,
-        probe_weight_decay: float = 1e-3,
-        optimizer: OptimizerCallable | None = None,
-        scheduler: LRSchedulerCallable | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            num_classes,
-            channels,
-            image_size,
-            mean,
-            std,
-            horizontal_flip,
-            lr,
-            weight_decay,
-            backbone,
-            knn_k=knn_k,
-            probe_weight_decay=probe_weight_decay,
-            optimizer=optimizer,
-            scheduler=scheduler,
-        )
-        self.augment = weak_augmentation(image_size, horizontal_flip)
+        super().__init__(lr=lr, weight_decay=weight_decay, **kwargs)
+        self.augment = weak_augmentation(self.image_size, self.horizontal_flip)
         hidden = [head_hidden] if head_hidden > 0 else []
         self.rotation_head = MLPHead(self.backbone.num_features, hidden, 4)
 
@@ -82,7 +57,7 @@ class RotationPretext(SelfSupervisedModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         labeled, unlabeled = split_batch(batch)
         # images alone: labels are never read by the pretext loss
-        images = labeled[0] if unlabeled is None else torch.cat([labeled[0], unlabeled[0]])
+        images = labeled.images if unlabeled is None else torch.cat([labeled.images, unlabeled.images])
         views = self.augment(images)  # flip/shift, batched on the device
         rotated, rotation = rotation_batch(views)  # (4B, C, H, H), (4B,)
         logits = self.rotation_logits(rotated)  # (4B, 4)

@@ -96,6 +96,18 @@ def load_classifier_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor
     return selected, hparams
 
 
+def num_unlabeled_images(module: L.LightningModule) -> int | None:
+    """Images in the unlabeled set the trainer's datamodule serves (the range of the unlabeled
+    batches' ``index``), or None without such a datamodule."""
+    trainer = module._trainer
+    datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+    unlabeled = getattr(datamodule, "_unlabeled_dataset", None)
+    if unlabeled is None:
+        return None
+    datamodule.setup("fit")
+    return len(unlabeled())
+
+
 def log_pseudo_label_stats(
     module: L.LightningModule,
     pseudo_labels: torch.Tensor,

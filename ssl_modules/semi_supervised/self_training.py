@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch.utils.data import DataLoader, Subset
 
 from ssl_modules.augment import to_float_images
@@ -59,7 +57,7 @@ class SelfTrainingModule(ClassifierModule):
       it in the same forward pass (a target, without gradient; Lee's Pseudo-Label), with the
       unlabeled weight ramped up over ``unlabeled_warmup_steps`` (sigmoid ramp-up).
 
-    At each round start it logs ``round/kept``, ``round/pseudo_label_acc`` (against ``y_hidden``
+    At each round start it logs ``round/kept``, ``round/pseudo_label_acc`` (against ``hidden_labels``
     where known: a diagnostic, never a loss input) and ``round/count_class_<c>``; every step
     logs ``train/mask_rate`` and ``train/pseudo_label_acc``.
 
@@ -89,13 +87,7 @@ class SelfTrainingModule(ClassifierModule):
 
     def __init__(
         self,
-        num_classes: int = 10,
-        channels: int = 3,
-        image_size: int = 32,
-        mean: Sequence[float] = (0.5, 0.5, 0.5),
-        std: Sequence[float] = (0.25, 0.25, 0.25),
-        horizontal_flip: bool = True,
-        backbone: str = "small_cnn",
+        *,
         schedule: str = "rounds",
         selection: str = "top_k",
         confidence_threshold: float = 0.0,
@@ -109,23 +101,9 @@ class SelfTrainingModule(ClassifierModule):
         drop_rate: float = 0.0,
         lr: float = 0.03,
         weight_decay: float = 5e-4,
-        optimizer: OptimizerCallable | None = None,
-        scheduler: LRSchedulerCallable | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            num_classes,
-            channels,
-            image_size,
-            mean,
-            std,
-            horizontal_flip,
-            lr,
-            weight_decay,
-            backbone,
-            drop_rate,
-            optimizer,
-            scheduler,
-        )
+        super().__init__(lr=lr, weight_decay=weight_decay, drop_rate=drop_rate, **kwargs)
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}; got {schedule!r}")
         if selection not in SELECTIONS:
@@ -137,12 +115,14 @@ class SelfTrainingModule(ClassifierModule):
             raise ValueError(f"epochs_per_round must be >= 1; got {epochs_per_round}")
         if unlabeled_loss_weight < 0 or entropy_weight < 0 or unlabeled_warmup_steps < 0:
             raise ValueError("unlabeled_loss_weight, entropy_weight and unlabeled_warmup_steps must be >= 0")
-        self.student_augment = build_augmentation(student_augmentation, image_size, channels, horizontal_flip)
+        self.student_augment = build_augmentation(
+            student_augmentation, self.image_size, self.channels, self.horizontal_flip
+        )
         if schedule == "rounds":
             self.labeler = FrozenClassifier(self.backbone, self.classifier)
         self.register_buffer("round", torch.zeros((), dtype=torch.long))
-        self.register_buffer("class_thresholds", torch.full((num_classes,), _NOTHING))
-        self.register_buffer("round_class_counts", torch.zeros(num_classes, dtype=torch.long))
+        self.register_buffer("class_thresholds", torch.full((self.num_classes,), _NOTHING))
+        self.register_buffer("round_class_counts", torch.zeros(self.num_classes, dtype=torch.long))
 
     # -- rounds -----------------------------------------------------------------------
     def on_train_epoch_start(self) -> None:
@@ -197,7 +177,7 @@ class SelfTrainingModule(ClassifierModule):
                     layer.reset_parameters()
 
     def _label_unlabeled_set(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The labeler's (confidence, class, y_hidden) on every unlabeled image, from all ranks."""
+        """The labeler's (confidence, class, hidden label) on every unlabeled image, from all ranks."""
         loaders = self.trainer.train_dataloader if self._trainer is not None else None
         if not isinstance(loaders, dict) or "unlabeled" not in loaders:
             empty = torch.zeros(0, device=self.device)
@@ -211,7 +191,7 @@ class SelfTrainingModule(ClassifierModule):
         was_training = self.labeler.training
         self.labeler.eval()
         outputs = []
-        for images, hidden in loader:
+        for images, hidden, _ in loader:
             images = to_float_images(images.to(self.device))
             probs = self.labeler(self.normalize(images)).float().softmax(dim=1)  # (n, classes)
             confidence, predicted = probs.max(dim=1)
@@ -242,8 +222,12 @@ class SelfTrainingModule(ClassifierModule):
 
     # -- training ---------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        (images, labels), unlabeled = split_batch(batch)
-        unlabeled_images, hidden_labels = unlabeled  # hidden_labels: diagnostics only
+        labeled, unlabeled = split_batch(batch)
+        images, labels = labeled.images, labeled.labels
+        unlabeled_images, hidden_labels = (
+            unlabeled.images,
+            unlabeled.hidden_labels,
+        )  # hidden: diagnostics only
         num_labeled = len(images)
         views = self.student_augment(torch.cat([images, unlabeled_images]))
         logits = self(views)  # (B + U, classes)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from ssl_modules.augment import weak_augmentation
 from ssl_modules.backbones import build_backbone, first_conv_in_channels
@@ -90,13 +88,7 @@ class StudentTeacherModule(ClassifierModule):
 
     def __init__(
         self,
-        num_classes: int = 10,
-        channels: int = 3,
-        image_size: int = 32,
-        mean: Sequence[float] = (0.5, 0.5, 0.5),
-        std: Sequence[float] = (0.25, 0.25, 0.25),
-        horizontal_flip: bool = True,
-        backbone: str = "small_cnn",
+        *,
         teacher: str = "ema",
         teacher_checkpoint: str | None = None,
         teacher_backbone: str | None = None,
@@ -113,23 +105,9 @@ class StudentTeacherModule(ClassifierModule):
         drop_rate: float = 0.0,
         lr: float = 0.03,
         weight_decay: float = 5e-4,
-        optimizer: OptimizerCallable | None = None,
-        scheduler: LRSchedulerCallable | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            num_classes,
-            channels,
-            image_size,
-            mean,
-            std,
-            horizontal_flip,
-            lr,
-            weight_decay,
-            backbone,
-            drop_rate,
-            optimizer,
-            scheduler,
-        )
+        super().__init__(lr=lr, weight_decay=weight_decay, drop_rate=drop_rate, **kwargs)
         if teacher not in TEACHERS:
             raise ValueError(f"teacher must be one of {TEACHERS}; got {teacher!r}")
         if teacher_input not in TEACHER_INPUTS:
@@ -141,8 +119,10 @@ class StudentTeacherModule(ClassifierModule):
         if consistency_weight < 0 or entropy_weight < 0 or rampup_steps < 0:
             raise ValueError("consistency_weight, entropy_weight and rampup_steps must be >= 0")
         self.consistency_loss = ConsistencyLoss(consistency, temperature)  # checks kind and temperature
-        self.student_augment = build_augmentation(student_augmentation, image_size, channels, horizontal_flip)
-        self.teacher_augment = weak_augmentation(image_size, horizontal_flip)
+        self.student_augment = build_augmentation(
+            student_augmentation, self.image_size, self.channels, self.horizontal_flip
+        )
+        self.teacher_augment = weak_augmentation(self.image_size, self.horizontal_flip)
         if teacher == "ema":
             self.teacher = FrozenClassifier(self.backbone, self.classifier)
         else:
@@ -154,11 +134,11 @@ class StudentTeacherModule(ClassifierModule):
             if teacher_backbone is None:
                 _, teacher_hparams = load_classifier_checkpoint(teacher_checkpoint)
                 self._check_teacher_hparams(teacher_hparams, teacher_checkpoint)
-                teacher_backbone = str(teacher_hparams.get("backbone", backbone))
+                teacher_backbone = str(teacher_hparams.get("backbone", self.hparams.backbone))
                 self.hparams["teacher_backbone"] = teacher_backbone  # saved: a reload reads no file
-            teacher_network = build_backbone(teacher_backbone, channels)
+            teacher_network = build_backbone(teacher_backbone, self.channels, image_size=self.image_size)
             self.teacher = FrozenClassifier(
-                teacher_network, torch.nn.Linear(teacher_network.num_features, num_classes)
+                teacher_network, torch.nn.Linear(teacher_network.num_features, self.num_classes)
             )
         # 1 once the fixed teacher's weights are in; saved, so they are never loaded twice
         self.register_buffer("teacher_loaded", torch.tensor(int(teacher == "ema"), dtype=torch.uint8))
@@ -196,8 +176,12 @@ class StudentTeacherModule(ClassifierModule):
         self.teacher_loaded.fill_(1)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        (images, labels), unlabeled = split_batch(batch)
-        unlabeled_images, hidden_labels = unlabeled  # hidden_labels: diagnostics only
+        labeled, unlabeled = split_batch(batch)
+        images, labels = labeled.images, labeled.labels
+        unlabeled_images, hidden_labels = (
+            unlabeled.images,
+            unlabeled.hidden_labels,
+        )  # hidden: diagnostics only
         num_labeled = len(images)
         all_images = torch.cat([images, unlabeled_images])  # (B + U, C, H, W)
         student_views = self.student_augment(all_images)  # noised student input
