@@ -46,7 +46,8 @@ CASES = {
     "SimCLRModule": (SimCLRModule, {}),
     "MoCoModule": (MoCoModule, {"queue_size": 8, "base_momentum": 0.9}),
     "BYOLModule": (BYOLModule, {"base_momentum": 0.9}),
-    "BarlowTwinsModule": (BarlowTwinsModule, {"redundancy_weight": 0.02}),
+    # bias_lr_ratio 1.0: the optimizer the pinned (pre-template) numbers were recorded with
+    "BarlowTwinsModule": (BarlowTwinsModule, {"redundancy_weight": 0.02, "bias_lr_ratio": 1.0}),
     "SimCLRModule-3views": (SimCLRModule, {"num_views": 3}),
     "MoCoModule-symmetric": (MoCoModule, {"queue_size": 8, "base_momentum": 0.9, "symmetric": True}),
 }

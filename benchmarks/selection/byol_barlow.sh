@@ -11,7 +11,7 @@
 #   candidate, unlike the methods' online probe, which trains at the method's lr. test_acc is
 #   printed by bench but not read for the decision.
 # - Rule (as benchmarks/select_defaults.sh): the highest median val wins; within one validation
-#   image (1/144 = 0.007) of the best, the paper's value is kept: BYOL's asymmetric views,
+#   image (1/145 = 0.007) of the best, the paper's value is kept: BYOL's asymmetric views,
 #   Barlow Twins' bias lr ratio 0.0048 / 0.2 = 0.024 and, for its LARS lr, the current 0.2
 #   (the paper's value before batch scaling).
 # - Candidates. Round 1: Barlow Twins with biases/BatchNorm at the weights' lr (the code before

@@ -35,9 +35,9 @@ class BarlowTwinsModule(JointEmbeddingModule):
             projector as a fraction of ``lr`` (paper: 0.0048 / 0.2 = 0.024). LARS leaves them
             out of its trust ratio, so they step by the raw gradient of a loss that sums over
             ``projection_dim`` terms; at the weights' lr their norms grow ~25x in 150 steps
-            (digits, projector 1024). Default 1.0 (the weights' lr) reproduces results made before
-            this argument existed; ``configs/barlow_twins.yaml`` sets the value chosen on
-            validation. Applies to the default optimizer; the online probe keeps ``lr``.
+            (digits, projector 1024). Default: the paper's 0.024 (also chosen on validation,
+            ``configs/barlow_twins.yaml``); 1.0 (the weights' lr) reproduces results made before
+            this argument existed. Applies to the default optimizer; the online probe keeps ``lr``.
         weight_decay: paper: 1.5e-6.
         data facts, optimizer, scheduler: as in ``SSLModuleBase``.
     """
@@ -52,7 +52,7 @@ class BarlowTwinsModule(JointEmbeddingModule):
         jitter_strength: float = 0.5,
         lars: bool = True,
         lr: float = 0.2,
-        bias_lr_ratio: float = 1.0,
+        bias_lr_ratio: float = 0.024,
         weight_decay: float = 1.5e-6,
         **kwargs: Any,
     ) -> None:
@@ -81,6 +81,8 @@ class BarlowTwinsModule(JointEmbeddingModule):
         return JointEmbeddingLoss(loss, z_a, z_b)
 
     def default_optimizer(self, params: Any) -> torch.optim.Optimizer:
+        """The template's optimizer (LARS with biases/norms excluded), with the biases and
+        BatchNorm parameters of backbone and projector at ``lr x bias_lr_ratio``."""
         optimizer = super().default_optimizer(params)
         probe = {id(parameter) for parameter in self.online_probe.parameters()}
         for group in optimizer.param_groups:
