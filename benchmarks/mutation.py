@@ -827,17 +827,17 @@ METHOD_MUTANTS: list[Mutant] = [
         ("strong_unlabeled = self.strong(unlabeled_images)", "strong_unlabeled = self.weak(unlabeled_images)"),
     ),
     _method(
-        "fixmatch/evaluates-live-weights", "FixMatchModule", FIXMATCH,
+        "fixmatch/evaluates-live-weights", "FixMatchModule", COMMON,
         "FixMatch evaluates with the live weights although evaluate_with_ema", SEMI,
         ("if not self.hparams.evaluate_with_ema:", "if True:"),
     ),
     _method(
-        "fixmatch/ema-never-updated", "FixMatchModule", FIXMATCH,
+        "fixmatch/ema-never-updated", "FixMatchModule", COMMON,
         "FixMatch: the evaluation EMA is never updated", SEMI,
         ("self.ema_model.ema_from(", "(lambda *args: None)("),
     ),
     _method(
-        "fixmatch/ema-without-warmup", "FixMatchModule", FIXMATCH,
+        "fixmatch/ema-without-warmup", "FixMatchModule", COMMON,
         "FixMatch: the EMA decay skips Mean Teacher's warm-up", SEMI,
         ("warmup_ema_decay(self.global_step, self.hparams.ema_decay)", "self.hparams.ema_decay"),
     ),

@@ -13,7 +13,7 @@ from torch import nn
 
 from ssl_modules.augment import weak_augmentation
 from ssl_modules.augment.strong import strong_augmentation
-from ssl_modules.ema import copy_frozen, ema_update
+from ssl_modules.ema import copy_frozen, ema_update, warmup_ema_decay
 
 AUGMENTATIONS = ("weak", "strong", "none")
 
@@ -50,6 +50,40 @@ class FrozenClassifier(nn.Module):
     def ema_from(self, backbone: nn.Module, classifier: nn.Module, decay: float) -> None:
         ema_update(self.backbone, backbone, decay)
         ema_update(self.classifier, classifier, decay)
+
+
+class EvaluatesWithEMA:
+    """Mixin of the classifier modules evaluated with an EMA of their weights (FixMatch, MixMatch).
+
+    Expects ``self.ema_model`` (a ``FrozenClassifier``) and the hyper-parameters ``ema_decay`` and
+    ``evaluate_with_ema``. After each optimizer step the EMA moves with Mean Teacher's warm-up
+    ``min(1 - 1/(step + 1), ema_decay)``; ``val/acc``, ``test/acc``, ``embed`` and
+    ``load_backbone`` use it when ``evaluate_with_ema``. List it before ``ClassifierModule``.
+    """
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.ema_model.ema_from(
+            self.backbone, self.classifier, warmup_ema_decay(self.global_step, self.hparams.ema_decay)
+        )
+
+    def train(self, mode: bool = True) -> Any:
+        super().train(mode)
+        self.ema_model.eval()
+        return self
+
+    def evaluation_logits(self, images: torch.Tensor) -> torch.Tensor:
+        if not self.hparams.evaluate_with_ema:
+            return self(images)
+        self.check_images(images)
+        return self.ema_model(self.normalize(images))
+
+    def evaluation_backbone(self) -> nn.Module:
+        """The EMA backbone when ``evaluate_with_ema`` (what ``embed`` and ``load_backbone`` use)."""
+        return self.ema_model.backbone if self.hparams.evaluate_with_ema else self.backbone
+
+    def evaluation_classifier(self) -> nn.Module:
+        return self.ema_model.classifier if self.hparams.evaluate_with_ema else self.classifier
 
 
 def build_augmentation(kind: str, image_size: int, channels: int, horizontal_flip: bool) -> nn.Module:

@@ -12,18 +12,23 @@ from ssl_modules.augment import weak_augmentation
 from ssl_modules.augment.strong import strong_augmentation
 from ssl_modules.base import ClassifierModule, FixMatchCosine, split_batch
 from ssl_modules.callbacks import log_image_grid
-from ssl_modules.ema import warmup_ema_decay, warn_if_ema_outlasts_run
+from ssl_modules.ema import warn_if_ema_outlasts_run
 from ssl_modules.losses.semi_supervised import (
     check_confidence_threshold,
     entropy_loss,
     weighted_pseudo_label_loss,
 )
-from ssl_modules.semi_supervised._common import FrozenClassifier, log_pseudo_label_stats, num_unlabeled_images
+from ssl_modules.semi_supervised._common import (
+    EvaluatesWithEMA,
+    FrozenClassifier,
+    log_pseudo_label_stats,
+    num_unlabeled_images,
+)
 from ssl_modules.semi_supervised.rules import FixedThreshold, PseudoLabelRule, build_rule, rule_record
 from ssl_modules.semi_supervised.rules.uda import annealed_cross_entropy, check_tsa_schedule, tsa_threshold
 
 
-class FixMatchModule(ClassifierModule):
+class FixMatchModule(EvaluatesWithEMA, ClassifierModule):
     """FixMatch with an EMA of the weights for evaluation, and a pluggable pseudo-label rule.
 
     For every unlabeled image, a weak view (flip + shift) gives the class probabilities ``q``;
@@ -180,30 +185,6 @@ class FixMatchModule(ClassifierModule):
             warn_if_ema_outlasts_run(
                 self.hparams.ema_decay, self.trainer.estimated_stepping_batches, "FixMatch's evaluation EMA"
             )
-
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        super().optimizer_step(*args, **kwargs)
-        self.ema_model.ema_from(
-            self.backbone, self.classifier, warmup_ema_decay(self.global_step, self.hparams.ema_decay)
-        )
-
-    def train(self, mode: bool = True) -> FixMatchModule:
-        super().train(mode)
-        self.ema_model.eval()
-        return self
-
-    def evaluation_logits(self, images: torch.Tensor) -> torch.Tensor:
-        if not self.hparams.evaluate_with_ema:
-            return self(images)
-        self.check_images(images)
-        return self.ema_model(self.normalize(images))
-
-    def evaluation_backbone(self) -> torch.nn.Module:
-        """The EMA backbone when ``evaluate_with_ema`` (what ``embed`` and ``load_backbone`` use)."""
-        return self.ema_model.backbone if self.hparams.evaluate_with_ema else self.backbone
-
-    def evaluation_classifier(self) -> torch.nn.Module:
-        return self.ema_model.classifier if self.hparams.evaluate_with_ema else self.classifier
 
     def default_optimizer(self, params: Any) -> torch.optim.Optimizer:
         return torch.optim.SGD(

@@ -22,8 +22,8 @@ from torch import nn
 from ssl_modules.augment import weak_augmentation
 from ssl_modules.base import ClassifierModule, split_batch
 from ssl_modules.callbacks import log_image_grid
-from ssl_modules.ema import warmup_ema_decay, warn_if_ema_outlasts_run
-from ssl_modules.semi_supervised._common import FrozenClassifier, log_pseudo_label_stats
+from ssl_modules.ema import warn_if_ema_outlasts_run
+from ssl_modules.semi_supervised._common import EvaluatesWithEMA, FrozenClassifier, log_pseudo_label_stats
 
 
 # -- the parts -----------------------------------------------------------------------------
@@ -161,7 +161,7 @@ def batchnorm_statistics_kept(module: nn.Module) -> Iterator[None]:
 
 
 # -- the method ----------------------------------------------------------------------------
-class MixMatchModule(ClassifierModule):
+class MixMatchModule(EvaluatesWithEMA, ClassifierModule):
     """MixMatch with an EMA of the weights for evaluation.
 
     Per step, with a labeled batch ``(x, y)`` of ``B`` images and an unlabeled batch ``u``:
@@ -319,30 +319,6 @@ class MixMatchModule(ClassifierModule):
                 f"(it ends at {self.hparams.unlabeled_loss_weight * total / self.hparams.rampup_steps:.3g}). "
                 "The paper's 16,000 steps assume ~1M; scale rampup_steps to the run (configs/mixmatch.yaml)."
             )
-
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        super().optimizer_step(*args, **kwargs)
-        self.ema_model.ema_from(
-            self.backbone, self.classifier, warmup_ema_decay(self.global_step, self.hparams.ema_decay)
-        )
-
-    def train(self, mode: bool = True) -> MixMatchModule:
-        super().train(mode)
-        self.ema_model.eval()
-        return self
-
-    def evaluation_logits(self, images: torch.Tensor) -> torch.Tensor:
-        if not self.hparams.evaluate_with_ema:
-            return self(images)
-        self.check_images(images)
-        return self.ema_model(self.normalize(images))
-
-    def evaluation_backbone(self) -> nn.Module:
-        """The EMA backbone when ``evaluate_with_ema`` (what ``embed`` and ``load_backbone`` use)."""
-        return self.ema_model.backbone if self.hparams.evaluate_with_ema else self.backbone
-
-    def evaluation_classifier(self) -> nn.Module:
-        return self.ema_model.classifier if self.hparams.evaluate_with_ema else self.classifier
 
     def default_optimizer(self, params: Any) -> torch.optim.Optimizer:
         """Adam (lr 0.002) with decoupled weight decay on kernels and weight matrices only, as the
