@@ -17,6 +17,8 @@ it did. Sections:
    ``tests/test_ddp_gradients.py``).
 4. ``throughput``: ``benchmarks/throughput.py`` at full size (``--workers 8``), then FixMatch
    again with the backbone compiled (``torch.compile``, opt-in in the library).
+5. ``ssl_throughput``: ``benchmarks/self_supervised_throughput.py``: every self-supervised
+   method's library step against its limit (ready views), RGB 32 px, batch 256.
 
 Writes ``gpu_check.json`` and ``gpu_check.md`` (plus ``throughput.json``/``.md``) into ``--out``.
 
@@ -28,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import os
 import platform
@@ -47,6 +48,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import self_supervised_throughput  # noqa: E402
 import throughput  # noqa: E402
 
 import ssl_modules  # noqa: E402
@@ -337,6 +339,17 @@ def run_compiled_throughput(device: torch.device, out: Path, tiny: bool) -> dict
     return throughput.main(args)
 
 
+def run_self_supervised_throughput(device: torch.device, out: Path, tiny: bool) -> dict:
+    args = ["--device", str(device), "--out", str(out)]
+    args += (
+        ["--image-size", "16", "--batch-size", "4", "--backbone", "small_cnn", "--methods", "simclr", "dino"]
+        + ["--steps", "1", "--warmup", "1", "--repeats", "1"]
+        if tiny
+        else ["--batch-size", "256", "--steps", "10", "--repeats", "3"]
+    )
+    return self_supervised_throughput.main(args)
+
+
 # -- report -----------------------------------------------------------------------------------------
 def _error(error: BaseException) -> str:
     return "".join(traceback.format_exception_only(type(error), error)).strip()[-800:]
@@ -381,7 +394,7 @@ def to_markdown(report: dict) -> str:
         json.dumps(report.get("ddp"), indent=1),
         "```",
     ]
-    for key in ("throughput_table", "compiled_throughput_table"):
+    for key in ("throughput_table", "compiled_throughput_table", "ssl_throughput_table"):
         if report.get(key):
             lines += ["", f"## {key.replace('_table', '').replace('_', ' ')}", "", report[key]]
     if report.get("errors"):
@@ -406,7 +419,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--modules", nargs="+", default=None, help="fit only these (default: all)")
     parser.add_argument("--fit-steps", type=int, default=6)
     parser.add_argument("--workers", type=int, nargs="+", default=[8], help="DataLoader workers of (b)")
-    parser.add_argument("--sections", nargs="+", default=["fits", "ddp", "throughput", "compiled"])
+    parser.add_argument(
+        "--sections", nargs="+", default=["fits", "ddp", "throughput", "compiled", "ssl_throughput"]
+    )
     parser.add_argument("--ddp-on-cpu", action="store_true", help="run the DDP section with gloo on CPU")
     parser.add_argument(
         "--budget-s", type=float, default=540.0, help="skip sections that start later than this"
@@ -418,9 +433,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     started = time.perf_counter()
     os.environ.setdefault("WANDB_MODE", "offline")
-    warnings.filterwarnings("ignore")
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    throughput.quiet_lightning()
     device = throughput.resolve_device(args.device)
     out = Path(args.out)
     report: dict[str, Any] = {
@@ -440,6 +453,9 @@ def main(argv: list[str] | None = None) -> dict:
         "compiled": lambda: report.__setitem__(
             "compiled_throughput", run_compiled_throughput(device, out, args.tiny)
         ),
+        "ssl_throughput": lambda: report.__setitem__(
+            "ssl_throughput", run_self_supervised_throughput(device, out, args.tiny)
+        ),
     }
     for name in args.sections:
         if time.perf_counter() - started > args.budget_s:
@@ -453,6 +469,8 @@ def main(argv: list[str] | None = None) -> dict:
             report["throughput_table"] = throughput.to_markdown(report["throughput"])
         if "compiled_throughput" in report and "compiled_throughput_table" not in report:
             report["compiled_throughput_table"] = throughput.to_markdown(report["compiled_throughput"])
+        if "ssl_throughput" in report and "ssl_throughput_table" not in report:
+            report["ssl_throughput_table"] = self_supervised_throughput.to_markdown(report["ssl_throughput"])
         report["seconds"] = time.perf_counter() - started
         write(report, out)
     print(to_markdown(report))

@@ -102,6 +102,8 @@ T_RULES_FLEX_FREE = "tests/test_rules_flexmatch_freematch.py"
 T_RULES_SOFT_UDA = "tests/test_rules_softmatch_uda.py"
 T_DINO_SWAV = ("tests/test_dino_swav_losses.py", "tests/test_dino_swav.py")
 T_MAE = ("tests/test_mae.py", "tests/test_mae_loss.py")
+T_DDP_EXACT_SWAV = "tests/test_conformance.py::test_ddp_spawn_two_processes_on_cpu[SwAVModule]"
+T_DDP_EXACT_DINO = "tests/test_conformance.py::test_ddp_spawn_two_processes_on_cpu[DINOModule]"
 
 JOINT = (T_JOINT_BEHAVIOUR, T_CONTRASTIVE_LOSSES, T_CONTRASTIVE_METHODS)
 JOINT_DDP = (*JOINT, T_DDP)
@@ -611,6 +613,18 @@ METHOD_MUTANTS: list[Mutant] = [
             "online = self.predictor(self.projector(torch.cat(features)))",
             "online = self.projector(torch.cat(features))",
         ),
+    ),
+    _method(
+        "byol/symmetric-by-default", "BYOLModule", BYOL,
+        "BYOL: two draws of one augmentation unless asked for the paper's asymmetric views",
+        ("tests/test_byol_barlow_quality.py",),
+        ("        asymmetric_views: bool = True,", "        asymmetric_views: bool = False,"),
+    ),
+    _method(
+        "byol/solarize-the-wrong-view", "BYOLModule", "ssl_modules/augment/views.py",
+        "BYOL's asymmetric views: view 1 solarized, view 2 not (the paper's are the other way)",
+        ("tests/test_byol_barlow_quality.py",),
+        ("BYOL_SOLARIZE_PROBABILITIES = (0.0, 0.2)", "BYOL_SOLARIZE_PROBABILITIES = (0.2, 0.0)"),
     ),
     _method(
         "byol/no-momentum-update", "BYOLModule", BYOL,
@@ -1128,6 +1142,26 @@ METHOD_MUTANTS: list[Mutant] = [
         "swav/prototypes-not-normalised", "SwAVModule", SWAV,
         "SwAV: the prototypes are not renormalised after each step", T_DINO_SWAV,
         ("        self.prototypes.normalize_()  # back to the unit sphere after every step", "        pass"),
+    ),
+    _method(
+        "swav/whole-queue-on-every-rank", "SwAVModule", SWAV,
+        "SwAV under DDP: every rank puts the whole queue into the Sinkhorn (counted once per rank)",
+        (*T_DINO_SWAV, T_DDP_EXACT_SWAV),
+        ("return [self.prototypes(self.queue[i, rows]) for i in range(self.num_global_crops)]",
+         "return [self.prototypes(self.queue[i]) for i in range(self.num_global_crops)]"),
+    ),
+    _method(
+        "swav/queue-per-rank", "SwAVModule", SWAV,
+        "SwAV under DDP: each rank enqueues only its own embeddings (DDP's buffer broadcast then overwrites them)",
+        (*T_DINO_SWAV, T_DDP_EXACT_SWAV),
+        ("gathered = dist.gather_no_grad(embedding.contiguous())", "gathered = torch.cat([embedding] * dist.world_size())"),
+    ),
+    _method(
+        "dino/center-per-rank", "DINOModule", SELF_DISTILLATION,
+        "DINO under DDP: the center is the EMA of the rank's own teacher outputs",
+        (*T_DINO_SWAV, T_DDP_EXACT_DINO),
+        ("total = _all_reduce(stacked.sum(dim=0), enabled=self.gather_distributed)",
+         "total = stacked.sum(dim=0) * dist.world_size()"),
     ),
     _method(
         "mae/target-not-the-clean-views", "MAEModule", MAE,

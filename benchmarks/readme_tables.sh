@@ -34,6 +34,16 @@ $BENCH configs/linear_probe.yaml configs/rotation.yaml configs/jigsaw.yaml confi
     --out benchmarks/results/digits_self_supervised.json
 fi
 
+# The self-supervised methods of the joint-embedding issue, with the random-init probes they must beat
+# (the ViT probe for MAE), and every self-supervised method's step against its limit
+if [ "${WITH_SELF_SUPERVISED_NEW:-0}" = 1 ]; then
+$BENCH configs/linear_probe.yaml configs/vicreg.yaml configs/simsiam.yaml configs/dino.yaml \
+    configs/swav.yaml configs/linear_probe_vit_mini.yaml configs/mae.yaml \
+    --data configs/data/digits.yaml "${COMMON[@]}" --last-k 5 --val-every 20 --jobs 2 \
+    --out benchmarks/results/digits_self_supervised_new.json
+.venv/bin/python benchmarks/self_supervised_throughput.py --out benchmarks/results
+fi
+
 # The supervised baseline against a plain PyTorch loop, per label budget and image size
 .venv/bin/python benchmarks/plain_loop.py --jobs 2
 

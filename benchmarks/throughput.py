@@ -226,6 +226,63 @@ class StepTimer(L.Callback):
                 self.end = now
 
 
+def library_fit_rate(
+    model: L.LightningModule,
+    datamodule: Any,
+    device: torch.device,
+    warmup: int,
+    steps: int,
+    precision: str = "32-true",
+    callbacks: tuple[L.Callback, ...] = (),
+) -> float:
+    """Steps/s of ``steps`` timed steps after ``warmup`` of ``model`` fitted by a bare Trainer
+    (no logger, checkpoints, progress bar or validation) on ``datamodule``'s training split
+    resident on the device (``DeviceResidentDataModule``)."""
+    timer = StepTimer(warmup, steps)
+    trainer = L.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=1,
+        precision=precision,
+        max_steps=warmup + steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[timer, *callbacks],
+    )
+    trainer.fit(model, datamodule=DeviceResidentDataModule(datamodule))
+    return steps / (timer.end - timer.start)
+
+
+def timed_rate(step: Callable[[], None], warmup: int, steps: int, device: torch.device) -> float:
+    """Steps/s of ``step()`` called ``steps`` times after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    return steps / (time.perf_counter() - start)
+
+
+def quiet_lightning() -> None:
+    """No warnings, and only Lightning's errors: a benchmark prints its own table."""
+    warnings.filterwarnings("ignore")
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def write_results(out: str | Path, stem: str, result: dict, table: str) -> None:
+    """``<out>/<stem>.json`` (the result) and ``<out>/<stem>.md`` (its table)."""
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    (folder / f"{stem}.md").write_text(table)
+
+
 def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -301,24 +358,15 @@ class Bench:
     # -- (a) ----------------------------------------------------------------------------------
     def run_library(self, steps: int) -> float:
         self._set_augmentations(self.augmentations)
-        timer = StepTimer(self.args.warmup, steps)
-        accelerator = "gpu" if self.device.type == "cuda" else "cpu"
-        precision = self.args.precision if self.device.type == "cuda" else "32-true"
-        trainer = L.Trainer(
-            accelerator=accelerator,
-            devices=1,
-            precision=precision,
-            max_steps=self.args.warmup + steps,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            limit_val_batches=0,
-            num_sanity_val_steps=0,
-            callbacks=[timer, CudaSpeedups(channels_last=self.args.channels_last)],
+        return library_fit_rate(
+            self.model,
+            self.datamodule,
+            self.device,
+            self.args.warmup,
+            steps,
+            precision=self.args.precision if self.device.type == "cuda" else "32-true",
+            callbacks=(CudaSpeedups(channels_last=self.args.channels_last),),
         )
-        trainer.fit(self.model, datamodule=DeviceResidentDataModule(self.datamodule))
-        return steps / (timer.end - timer.start)
 
     # -- (b) and (c): a plain loop over training_step -----------------------------------------------
     def _plain_setup(self) -> tuple[torch.optim.Optimizer, Feed]:
@@ -353,14 +401,9 @@ class Bench:
     def _timed_loop(
         self, steps: int, next_batch: Callable[[], dict], optimizer: torch.optim.Optimizer
     ) -> float:
-        for _ in range(self.args.warmup):
-            self._plain_step(optimizer, next_batch())
-        synchronize(self.device)
-        start = time.perf_counter()
-        for _ in range(steps):
-            self._plain_step(optimizer, next_batch())
-        synchronize(self.device)
-        return steps / (time.perf_counter() - start)
+        return timed_rate(
+            lambda: self._plain_step(optimizer, next_batch()), self.args.warmup, steps, self.device
+        )
 
     def run_limit(self, steps: int) -> float:
         optimizer, feed = self._plain_setup()
@@ -551,9 +594,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def run(args: argparse.Namespace) -> dict:
-    warnings.filterwarnings("ignore")
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_lightning()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -586,10 +627,7 @@ def main(argv: list[str] | None = None) -> dict:
     table = to_markdown(result)
     print(table)
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "throughput.json").write_text(json.dumps(result, indent=2))
-        (out / "throughput.md").write_text(table)
+        write_results(args.out, "throughput", result, table)
     return result
 
 

@@ -42,6 +42,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_trainer
 from torch import nn
 
 import ssl_modules.evaluation.self_supervised as self_supervised
@@ -105,6 +106,8 @@ def build(cls, **overrides) -> nn.Module:
         kwargs.update(temperature=TEMPERATURE_MOCO, queue_size=QUEUE_SIZE)
     elif cls is BarlowTwinsModule:
         kwargs["redundancy_weight"] = LAMBDA
+    elif cls is BYOLModule:  # one view pipeline, self.augment, which ViewTransform replaces below
+        kwargs["asymmetric_views"] = False  # (the asymmetric views: test_byol_barlow_quality.py)
     kwargs.update(overrides)
     model = cls(**FACTS, **kwargs)
     model.augment = ViewTransform(N)
@@ -401,21 +404,6 @@ def tiny_data(**overrides) -> SyntheticDataModule:
     )
     settings.update(overrides)
     return SyntheticDataModule(**settings)
-
-
-def tiny_trainer(**overrides) -> L.Trainer:
-    settings = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-    settings.update(overrides)
-    return L.Trainer(**settings)
 
 
 def sgd(params):

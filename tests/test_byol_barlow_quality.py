@@ -9,7 +9,7 @@
   -> ``test_byol_views_follow_the_paper_per_branch``;
 - in ``BYOLModule(asymmetric_views=True)`` view 1 is never solarized and view 2 in ~20 % of the
   images, while the default keeps two draws of one augmentation
-  -> ``test_asymmetric_views_differ_per_branch_in_the_module``, ``test_default_byol_views_are_unchanged``;
+  -> ``test_asymmetric_views_differ_per_branch_in_the_module``, ``test_symmetric_byol_views_are_two_draws_of_one_augmentation``;
 - Barlow Twins' biases and BatchNorm parameters step at ``lr x bias_lr_ratio`` outside LARS (the
   paper's 0.0048 at lr 0.2), the weights at ``lr`` with the trust ratio, the online probe at ``lr``
   -> ``test_barlow_twins_bias_lr``, ``test_barlow_twins_optimizer_step_follows_the_formula``;
@@ -97,13 +97,18 @@ def test_asymmetric_views_differ_per_branch_in_the_module() -> None:
     assert solarized_fraction(view_1, 0.8) == (1.0, 0.0)  # view 1: never solarized
     kept, flipped = solarized_fraction(view_2, 0.8)
     assert kept + flipped == pytest.approx(1.0) and 0.17 < flipped < 0.23  # view 2: p = 0.2
-    symmetric = BYOLModule(**GRAY, **SMALL, jitter_strength=0.0)
+    symmetric = BYOLModule(**GRAY, **SMALL, jitter_strength=0.0, asymmetric_views=False)
     for view in symmetric.make_views(images):
         assert solarized_fraction(view, 0.8) == (1.0, 0.0)
 
 
-def test_default_byol_views_are_unchanged() -> None:
+def test_byol_views_are_the_papers_asymmetric_ones_by_default() -> None:
     model = BYOLModule(**GRAY, **SMALL)
+    assert model.hparams.asymmetric_views is True and model.view_augments is not None
+
+
+def test_symmetric_byol_views_are_two_draws_of_one_augmentation() -> None:
+    model = BYOLModule(**GRAY, **SMALL, asymmetric_views=False)
     assert model.view_augments is None
     images = torch.rand(6, 1, 8, 8)
     torch.manual_seed(3)

@@ -79,7 +79,8 @@ def build(method: str, batch_size: int) -> torch.nn.Module:
             **facts, **small, queue_size=16, base_momentum=0.5, symmetric=method == "moco_symmetric"
         )
     elif method == "byol":
-        model = BYOLModule(**facts, **small, base_momentum=0.5)
+        # one view pipeline (self.augment), which DistinctViews replaces below
+        model = BYOLModule(**facts, **small, base_momentum=0.5, asymmetric_views=False)
     else:
         model = BarlowTwinsModule(**facts, **small)
         model.criterion.gather_distributed = method == "barlow_twins"

@@ -30,6 +30,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_trainer
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
@@ -151,20 +152,6 @@ def tiny_data(**overrides) -> SyntheticDataModule:
         num_classes=3, channels=1, image_size=16, train_per_class=8, labels_per_class=2, batch_size=8
     )
     return SyntheticDataModule(**(settings | overrides))
-
-
-def tiny_trainer(**overrides) -> L.Trainer:
-    settings = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-    return L.Trainer(**(settings | overrides))
 
 
 def sgd(params):

@@ -80,8 +80,45 @@ def _assert_same_module(reloaded, model) -> None:
         torch.testing.assert_close(value, expected[key], msg=key)
 
 
-def test_readme_has_the_two_examples():
-    assert set(readme_examples()) == {"new head and loss", "pseudo-label rule and teacher update"}
+def test_readme_has_the_three_examples():
+    assert set(readme_examples()) == {
+        "new head and loss",
+        "pseudo-label rule and teacher update",
+        "multi-crop for any joint-embedding method",
+    }
+
+
+def test_readme_multicrop_example_encodes_each_size_once_averages_every_pair_and_reloads(tmp_path):
+    MultiCropSimCLR = run_example("multi-crop for any joint-embedding method")["MultiCropSimCLR"]
+    facts = dict(GRAY, image_size=16)
+    L.seed_everything(0)
+    model = MultiCropSimCLR(**facts, num_local_crops=2, projection_hidden_dim=8, lars=False)
+    images = torch.rand(4, 1, 16, 16)
+    views = model.make_views(images)
+    assert [tuple(v.shape) for v in views] == [(4, 1, 16, 16)] * 2 + [(4, 1, 8, 8)] * 2
+    calls = []
+    model.backbone.register_forward_hook(lambda module, inputs, output: calls.append(tuple(inputs[0].shape)))
+    model.make_views = lambda batch: views  # the same views for the step and the reference
+    loss = model.training_step(train_batch(images, torch.zeros(4, dtype=torch.long), images), 1)
+    assert calls[:2] == [(8, 1, 16, 16), (8, 1, 8, 8)]  # one backbone call per size, global first
+    with (
+        torch.no_grad()
+    ):  # the reference: one backbone call per size (BatchNorm sees each group), one head call
+        features = [model.backbone(model.backbone_input(torch.cat(views[k : k + 2]))) for k in (0, 2)]
+        z = model.projector(torch.cat(features)).chunk(4)
+        pairs = [(i, j) for i in range(4) for j in range(i + 1, 4)]
+        expected = sum(model.criterion(z[i], z[j]) for i, j in pairs) / len(pairs)
+        probe = model.online_probe_loss(
+            train_batch(images, torch.zeros(4, dtype=torch.long), images)["labeled"]
+        )
+    torch.testing.assert_close(loss.detach(), expected + probe, rtol=1e-4, atol=1e-5)
+    del model.make_views
+    data = _data(image_size=16)
+    _trainer(max_steps=2).fit(model, datamodule=data)
+    path = _save(model, tmp_path / "multicrop.ckpt")
+    reloaded = MultiCropSimCLR.load_from_checkpoint(path)
+    _assert_same_module(reloaded, model)
+    assert reloaded.multicrop.num_local_crops == 2
 
 
 def test_readme_head_and_loss_example_trains_and_reloads(tmp_path):

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from fake_datasets import write_image_folder
+from helpers import tiny_trainer
 from PIL import Image
 
 import datamodules.image_folder as image_folder
@@ -55,21 +56,6 @@ def datamodule(root: Path, cache: str, cache_dir: Path, **kwargs) -> ImageFolder
     settings = dict(image_size=10, channels=1, batch_size=4, labels_per_class=2, val_size=0)
     settings.update(kwargs)
     return ImageFolderDataModule(root=str(root), cache=cache, cache_dir=str(cache_dir), **settings)
-
-
-def tiny_trainer(**overrides) -> L.Trainer:
-    settings = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-    settings.update(overrides)
-    return L.Trainer(**settings)
 
 
 def tiny_model(data: ImageFolderDataModule) -> SupervisedModule:

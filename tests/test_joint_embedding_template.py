@@ -45,7 +45,8 @@ STEPS, BATCH = 3, 8
 CASES = {
     "SimCLRModule": (SimCLRModule, {}),
     "MoCoModule": (MoCoModule, {"queue_size": 8, "base_momentum": 0.9}),
-    "BYOLModule": (BYOLModule, {"base_momentum": 0.9}),
+    # asymmetric_views False: the views the pinned (pre-template) numbers were recorded with
+    "BYOLModule": (BYOLModule, {"base_momentum": 0.9, "asymmetric_views": False}),
     # bias_lr_ratio 1.0: the optimizer the pinned (pre-template) numbers were recorded with
     "BarlowTwinsModule": (BarlowTwinsModule, {"redundancy_weight": 0.02, "bias_lr_ratio": 1.0}),
     "SimCLRModule-3views": (SimCLRModule, {"num_views": 3}),

@@ -361,6 +361,73 @@ def test_the_limit_and_the_usual_way_never_run_the_library_augmentation():
     assert set(calls) == {"weak", "strong"}
 
 
+def test_self_supervised_throughput_runs_tiny(tmp_path):
+    command = [sys.executable, str(ROOT / "benchmarks" / "self_supervised_throughput.py"), "--device", "cpu"]
+    command += ["--methods", "byol", "dino", "mae", "--image-size", "16", "--batch-size", "4"]
+    command += [
+        "--backbone",
+        "small_cnn",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--repeats",
+        "2",
+        "--out",
+        str(tmp_path),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-2000:]
+    result = json.loads((tmp_path / "self_supervised_throughput.json").read_text())
+    assert set(result["methods"]) == {"byol", "dino", "mae"}
+    for row in result["methods"].values():
+        assert row["train_samples_per_s"]["a_library"] > 0 and row["train_samples_per_s"]["c_limit"] > 0
+        assert len(row["ratios_per_repetition"]) == 2
+    assert result["methods"]["mae"]["backbone"] == "vit_mini"  # --backbone leaves MAE its ViT
+    assert len(result["methods"]["dino"]["views"]) == 8  # the config's 2 global + 6 local crops
+    assert "| dino | small_cnn | 2x16px + 6x" in (tmp_path / "self_supervised_throughput.md").read_text()
+
+
+@pytest.mark.parametrize("method", ["swav", "mae"])
+def test_self_supervised_limit_runs_no_augmentation_and_gives_it_back(method):
+    import self_supervised_throughput as sst
+
+    args = sst.parse_args(
+        [
+            "--device",
+            "cpu",
+            "--image-size",
+            "8",
+            "--batch-size",
+            "4",
+            "--warmup",
+            "1",
+            "--backbone",
+            "small_cnn",
+        ]
+    )
+    bench = sst.Bench(method, torch.device("cpu"), args)
+    model = bench.model
+    augment = model.augment if method == "mae" else model.multicrop
+    calls = []
+    augment.register_forward_hook(lambda *_: calls.append(1))
+    seen = []
+    original_step = model.training_step
+    model.training_step = lambda batch, idx: seen.append(batch) or original_step(batch, idx)
+    assert bench.run_limit(2) > 0
+    assert calls == []  # the limit never augments
+    assert len(seen) == 1 + 2  # warm-up and timed steps, each one training_step
+    assert "make_views" not in vars(model)  # (a) augments again afterwards
+    assert (model.augment if method == "mae" else model.multicrop) is augment
+    views = (
+        model.make_views(bench.ready["unlabeled"])
+        if method != "mae"
+        else [model.augment(bench.ready["unlabeled"])]
+    )
+    assert calls and all(view.shape[0] == 4 for view in views)
+
+
 def test_usual_pipeline_views():
     import throughput
 
@@ -389,7 +456,7 @@ def test_gpu_check_script_runs_tiny_on_cpu(tmp_path):
         "--fit-steps",
         "2",
     ]
-    command += ["--sections", "fits", "ddp", "throughput"]
+    command += ["--sections", "fits", "ddp", "throughput", "ssl_throughput"]
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-2000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
@@ -401,6 +468,8 @@ def test_gpu_check_script_runs_tiny_on_cpu(tmp_path):
     assert all(row["losses_finite"] and row["steps"] == 2 for row in report["fits"])
     assert report["ddp"] == {"skipped": "no GPU"}
     assert "| simclr | c_limit |" in (tmp_path / "gpu_check.md").read_text()
+    assert set(report["ssl_throughput"]["methods"]) == {"simclr", "dino"}
+    assert "| dino | small_cnn | 2x16px + 6x" in (tmp_path / "gpu_check.md").read_text()
 
 
 def test_sync_audit_attributes_a_sync_to_the_library_line_that_caused_it():

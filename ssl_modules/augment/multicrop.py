@@ -155,6 +155,20 @@ class ViewGroup(NamedTuple):
     slices: list[tuple[int, slice]]
 
 
+def indices_by_size(views: Sequence[torch.Tensor]) -> dict[tuple[int, int], list[int]]:
+    """The indices of the views of each resolution ``(H, W)``, in order of first appearance
+    (e.g. global crops then local crops: ``{(32, 32): [0, 1], (12, 12): [2, 3, 4, 5]}``).
+
+    Shape: views: list of (batch_size_i, C, H_i, W_i).
+    """
+    members: dict[tuple[int, int], list[int]] = {}
+    for index, view in enumerate(views):
+        if view.ndim != 4:
+            raise ValueError(f"view {index} must have shape (batch_size, C, H, W); got {tuple(view.shape)}")
+        members.setdefault((int(view.shape[-2]), int(view.shape[-1])), []).append(index)
+    return members
+
+
 def group_by_size(views: Sequence[torch.Tensor]) -> list[ViewGroup]:
     """Concatenate the views of each resolution (groups in order of first appearance).
 
@@ -162,13 +176,8 @@ def group_by_size(views: Sequence[torch.Tensor]) -> list[ViewGroup]:
     """
     if not views:
         raise ValueError("group_by_size needs at least one view")
-    members: dict[tuple[int, int], list[int]] = {}
-    for index, view in enumerate(views):
-        if view.ndim != 4:
-            raise ValueError(f"view {index} must have shape (batch_size, C, H, W); got {tuple(view.shape)}")
-        members.setdefault((int(view.shape[-2]), int(view.shape[-1])), []).append(index)
     groups = []
-    for size, indices in members.items():
+    for size, indices in indices_by_size(views).items():
         slices, start = [], 0
         for index in indices:
             slices.append((index, slice(start, start + len(views[index]))))

@@ -22,10 +22,10 @@ class BYOLModule(JointEmbeddingModule):
     each optimizer step with momentum ``tau = 1 - (1 - base_momentum)(cos(pi k / K) + 1) / 2``
     of the global step k out of K.
 
-    Views: by default both views come from one distribution (``simclr_views``); with
-    ``asymmetric_views`` they follow the paper's two distributions (``byol_views``): view 1
+    Views: the paper's two distributions (``byol_views``, ``asymmetric_views=True``): view 1
     always blurred, never solarized; view 2 blurred with p=0.1, solarized with p=0.2 (blur only
-    on images of 64 px and more, as in ``simclr_views``). The loss is symmetrised either way.
+    on images of 64 px and more, as in ``simclr_views``); ``asymmetric_views=False``: two draws
+    of one distribution (``simclr_views``). The loss is symmetrised either way.
 
     - [0] BYOL, Grill et al., 2020, https://arxiv.org/abs/2006.07733
 
@@ -37,9 +37,10 @@ class BYOLModule(JointEmbeddingModule):
         crop_min_scale: smallest crop area fraction of the views (paper: 0.08).
         jitter_strength: colour-jitter strength s of the views (paper: jitter 0.4/0.4/0.2/0.1,
             i.e. close to s=0.5).
-        asymmetric_views: the paper's asymmetric blur/solarization per view (``byol_views``)
-            instead of two draws of one augmentation (default False: chosen on validation,
-            ``configs/byol.yaml``).
+        asymmetric_views: the paper's asymmetric blur/solarization per view (``byol_views``;
+            paper, and chosen on validation: ``configs/byol.yaml``) instead of two draws of one
+            augmentation (False: the behaviour before this option existed, so a checkpoint saved
+            without it resumes with the paper's views unless given ``asymmetric_views=False``).
         lars: LARS (paper) instead of SGD; biases and norms excluded from weight decay and LARS.
         lr: paper: 0.2 x batch_size / 256 with LARS.
         weight_decay: paper: 1.5e-6.
@@ -54,7 +55,7 @@ class BYOLModule(JointEmbeddingModule):
         base_momentum: float = 0.996,
         crop_min_scale: float = 0.08,
         jitter_strength: float = 0.5,
-        asymmetric_views: bool = False,
+        asymmetric_views: bool = True,
         lars: bool = True,
         lr: float = 0.2,
         weight_decay: float = 1.5e-6,

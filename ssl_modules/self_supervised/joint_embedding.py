@@ -38,6 +38,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from ssl_modules.augment.multicrop import indices_by_size
 from ssl_modules.augment.views import make_views
 from ssl_modules.base import split_batch
 from ssl_modules.callbacks.embeddings import log_alignment_uniformity, log_views
@@ -96,10 +97,7 @@ class JointEmbeddingModule(SelfSupervisedModule):
         Default: every view, grouped by resolution (all views of one size in one backbone call,
         in order of first appearance). A view in no group gets ``None`` as its features.
         """
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for index, view in enumerate(views):
-            groups.setdefault(tuple(view.shape[1:]), []).append(index)
-        return list(groups.values())
+        return list(indices_by_size(views).values())
 
     def joint_embedding_loss(
         self, views: list[torch.Tensor], features: list[torch.Tensor | None]

@@ -57,10 +57,15 @@ class SwAVModule(JointEmbeddingModule):
 
     - Prototypes are re-normalised after every optimizer step, and get no update during the
       first ``freeze_prototypes_steps`` steps (the authors' ``freeze_prototypes_niters``).
-    - Queue: with small batches the Sinkhorn runs on the batch plus up to ``queue_length`` past
-      embeddings of each global view (per rank ``queue_length // world_size``), scored against
-      the current prototypes; the queue fills from step ``queue_start_step`` and is used once full
-      (the authors start it at epoch 15 of their batch-256 runs). ``queue_length=0``: no queue.
+    - Queue: with small batches the Sinkhorn runs on the batch plus the ``queue_length`` past
+      embeddings of each global view, scored against the current prototypes; the queue fills
+      from step ``queue_start_step`` and is used once full (the authors start it at epoch 15 of
+      their batch-256 runs). ``queue_length=0``: no queue. Under DDP the queue holds the global
+      batches (gathered from every rank), the same on every rank, and rank r puts its
+      ``queue_length // world_size`` rows ``r * queue_length // world_size ...`` into the
+      Sinkhorn, whose all-reduce then spans the whole queue once: the codes equal one process's
+      on the same global batches. (The authors' code keeps a queue per rank instead; a per-rank
+      buffer would be overwritten by DDP's buffer broadcast from rank 0 at every step.)
     - ``train/prototype_usage`` (an image, ``usage_bars``), ``train/prototypes_used`` (fraction
       with at least one assignment) and ``train/usage_entropy`` (entropy of the assignment
       histogram over log K; 1 when uniform) at the first step of every epoch.
@@ -82,7 +87,8 @@ class SwAVModule(JointEmbeddingModule):
         local_crop_scale: area fraction of a local crop (paper: (0.05, 0.14)).
         freeze_prototypes_steps: steps without prototype updates (paper code: 313; 5005 in the
             batch-256 recipes).
-        queue_length: past embeddings per global view in the Sinkhorn (paper: 3840 for batch 256).
+        queue_length: past embeddings per global view in the Sinkhorn (paper: 3840 for batch 256),
+            at least the global batch and, under DDP, a multiple of the number of processes.
         queue_start_step: the step from which the queue fills.
         lars: LARS (paper) instead of SGD with momentum.
         lr: paper: 4.8 at batch 4096, i.e. 0.3 x batch_size / 256 (the authors' batch-256 recipe:
@@ -140,9 +146,8 @@ class SwAVModule(JointEmbeddingModule):
         self.projector = projection_head(self.backbone.num_features, projection_hidden_dim, projection_dim)
         self.prototypes = prototypes(projection_dim, num_prototypes)
         self.criterion = SwAVLoss(temperature, sinkhorn_epsilon, sinkhorn_iterations)
-        # past L2-normalised embeddings of each global view, newest first; per rank the first
-        # queue_length // world_size rows are used (each rank queues its own embeddings, as the
-        # paper's code: the Sinkhorn's all-reduce then spans every rank's queue). None: no queue.
+        # past L2-normalised embeddings of each global view (the global batches, gathered from
+        # every rank, newest first): the same on every rank. None: no queue.
         queue = torch.zeros(num_global_crops, queue_length, projection_dim) if queue_length else None
         self.register_buffer("queue", queue)
         self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))
@@ -169,38 +174,49 @@ class SwAVModule(JointEmbeddingModule):
         return JointEmbeddingLoss(loss, z[:n], z[n : 2 * n])
 
     # -- queue --------------------------------------------------------------------------------
-    def queue_rows(self) -> int:
-        """Queue rows this rank uses: ``queue_length // world_size``."""
-        return self.hparams.queue_length // dist.world_size()
+    def queue_rows(self) -> slice:
+        """The queue rows this rank puts into the Sinkhorn: its ``queue_length // world_size``
+        share; the all-reduce of the Sinkhorn adds the other ranks' shares."""
+        share = self.hparams.queue_length // dist.world_size()
+        return slice(dist.rank() * share, (dist.rank() + 1) * share)
 
     def queue_active(self) -> bool:
-        return self.queue_rows() > 0 and self.global_step >= self.hparams.queue_start_step
+        return self.hparams.queue_length > 0 and self.global_step >= self.hparams.queue_start_step
 
     @torch.no_grad()
     def queue_scores(self) -> list[torch.Tensor] | None:
         """Scores of the queued embeddings against the current prototypes, once the queue is full
-        (else None). Shape: num_global_crops x (queue_rows, num_prototypes)."""
-        rows = self.queue_rows()
-        if not self.queue_active() or int(self.queue_filled) < rows:
+        (else None): this rank's share, ``queue_rows()``. Shape: num_global_crops x
+        (queue_length // world_size, num_prototypes)."""
+        if not self.queue_active() or int(self.queue_filled) < self.hparams.queue_length:
             return None
-        return [self.prototypes(self.queue[i, :rows]) for i in range(self.num_global_crops)]
+        rows = self.queue_rows()
+        return [self.prototypes(self.queue[i, rows]) for i in range(self.num_global_crops)]
 
     @torch.no_grad()
     def enqueue(self, embeddings: list[torch.Tensor]) -> None:
-        """Push each global view's embeddings to the front of its queue (the oldest fall off).
+        """Push each global view's embeddings of the global batch (gathered from every rank, in
+        rank order) to the front of its queue; the oldest fall off. Every rank pushes the same rows.
         Shape: embeddings num_global_crops x (batch_size, projection_dim)."""
         if not self.queue_active():
             return
-        rows, batch_size = self.queue_rows(), len(embeddings[0])
-        if batch_size > rows:
+        length, world_size = self.hparams.queue_length, dist.world_size()
+        global_batch = len(embeddings[0]) * world_size
+        if global_batch > length:
             raise ValueError(
-                f"the SwAV queue holds {rows} embeddings per rank, fewer than the batch of {batch_size}; "
-                f"set model.queue_length >= {batch_size * dist.world_size()} (or 0 for no queue)"
+                f"the SwAV queue holds {length} embeddings, fewer than the global batch of {global_batch}; "
+                f"set model.queue_length >= {global_batch} (or 0 for no queue)"
+            )
+        if length % world_size:
+            raise ValueError(
+                f"SwAV's queue_length ({length}) must be a multiple of the number of processes ({world_size}): "
+                "each rank puts an equal share of the queue into the Sinkhorn"
             )
         for i, embedding in enumerate(embeddings):
-            self.queue[i, batch_size:rows] = self.queue[i, : rows - batch_size].clone()
-            self.queue[i, :batch_size] = embedding.to(self.queue.dtype)
-        self.queue_filled.copy_(torch.clamp(self.queue_filled + batch_size, max=rows))
+            gathered = dist.gather_no_grad(embedding.contiguous())  # (global_batch, projection_dim)
+            self.queue[i, global_batch:] = self.queue[i, : length - global_batch].clone()
+            self.queue[i, :global_batch] = gathered.to(self.queue.dtype)
+        self.queue_filled.copy_(torch.clamp(self.queue_filled + global_batch, max=length))
 
     # -- visuals ----------------------------------------------------------------------------
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
