@@ -102,6 +102,8 @@ T_RULES_FLEX_FREE = "tests/test_rules_flexmatch_freematch.py"
 T_RULES_SOFT_UDA = "tests/test_rules_softmatch_uda.py"
 T_DINO_SWAV = ("tests/test_dino_swav_losses.py", "tests/test_dino_swav.py")
 T_MAE = ("tests/test_mae.py", "tests/test_mae_loss.py")
+T_TEMPLATE = "tests/test_joint_embedding_template.py"
+T_MULTICROP = "tests/test_multicrop.py"
 T_DDP_EXACT_SWAV = "tests/test_conformance.py::test_ddp_spawn_two_processes_on_cpu[SwAVModule]"
 T_DDP_EXACT_DINO = "tests/test_conformance.py::test_ddp_spawn_two_processes_on_cpu[DINOModule]"
 
@@ -530,6 +532,8 @@ SELF_DISTILLATION = "ssl_modules/losses/self_distillation.py"
 DINO = "ssl_modules/self_supervised/dino.py"
 SWAV = "ssl_modules/self_supervised/swav.py"
 MAE = "ssl_modules/self_supervised/mae.py"
+MASKED_MODELING = "ssl_modules/losses/masked_modeling.py"
+MULTICROP = "ssl_modules/augment/multicrop.py"
 PRETEXT_IMAGES = (
     "images = labeled.images if unlabeled is None else torch.cat([labeled.images, unlabeled.images])"
 )
@@ -1172,6 +1176,85 @@ METHOD_MUTANTS: list[Mutant] = [
         "mae/labeled-images", "MAEModule", MAE,
         "MAE: reconstructs the labeled images instead of the unlabeled ones", T_MAE,
         ("images = labeled.images if unlabeled is None else unlabeled.images", "images = labeled.images"),
+    ),
+    _method(
+        "mae/one-mask-for-the-batch", "MAEModule", MASKED_MODELING,
+        "MAE: every image of the batch gets the same mask", T_MAE,
+        ("noise = torch.rand(batch_size, num_patches, generator=generator, device=device)  # (B, N)",
+         "noise = torch.rand(1, num_patches, generator=generator, device=device).expand(batch_size, -1)  # (B, N)"),
+    ),
+    _method(
+        "mae/loss-on-every-patch", "MAEModule", MASKED_MODELING,
+        "MAE: the pixel loss averages over every patch, the visible ones included", T_MAE,
+        ("return (per_patch * mask).sum() / mask.sum().clamp_min(1.0)", "return per_patch.mean()"),
+    ),
+    # -- the joint-embedding template and multi-crop (issue 14) -----------------------------------
+    _method(
+        "template/ema-before-the-optimizer-step", "BYOLModule", JOINT_EMBEDDING,
+        "template: the targets' EMA update runs before the optimizer step instead of after it",
+        (T_TEMPLATE, T_JOINT_BEHAVIOUR),
+        ("        super().optimizer_step(*args, **kwargs)\n        pairs = self.momentum_pairs()\n"
+         "        if pairs:\n            momentum = self.momentum()\n            for online, target in pairs:\n"
+         "                ema_update(target, online, momentum)\n",
+         "        pairs = self.momentum_pairs()\n        if pairs:\n            momentum = self.momentum()\n"
+         "            for online, target in pairs:\n                ema_update(target, online, momentum)\n"
+         "        super().optimizer_step(*args, **kwargs)\n"),
+    ),
+    _method(
+        "template/each-view-its-own-backbone-call", "SimCLRModule", JOINT_EMBEDDING,
+        "template: the backbone encodes each view in its own call (BatchNorm sees one view at a time)",
+        (T_TEMPLATE, T_JOINT_BEHAVIOUR),
+        ("return list(indices_by_size(views).values())", "return [[index] for index in range(len(views))]"),
+    ),
+    _method(
+        "template/probe-loss-dropped", "SimCLRModule", JOINT_EMBEDDING,
+        "template: the online probe's loss is not added (the probe never trains)",
+        (T_TEMPLATE, T_JOINT_BEHAVIOUR, T_EVALUATION),
+        ("return output.loss + probe_loss", "return output.loss"),
+    ),
+    _method(
+        "multicrop/local-crops-at-the-global-size", "DINOModule", MULTICROP,
+        "multi-crop: the local crops are made at the global crops' size", (T_MULTICROP, *T_DINO_SWAV),
+        ("self.local_augment = simclr_views(channels, self.local_size,",
+         "self.local_augment = simclr_views(channels, self.global_size,"),
+    ),
+    _method(
+        "dino/teacher-backbone-not-the-ema", "DINOModule", DINO,
+        "DINO: only the teacher's head follows the student by EMA; its backbone stays at init",
+        T_DINO_SWAV,
+        ("return [(self.backbone, self.teacher_backbone), (self.head, self.teacher_head)]",
+         "return [(self.head, self.teacher_head)]"),
+    ),
+    _method(
+        "dino/same-view-pairs", "DINOModule", SELF_DISTILLATION,
+        "DINO: the student also predicts the teacher's output of the same crop", T_DINO_SWAV,
+        ("if v == i:  # the same view: skipped", "if v == i and False:  # the same view: skipped"),
+    ),
+    _method(
+        "dino/teacher-temperature-never-warms", "DINOModule", SELF_DISTILLATION,
+        "DINO: the teacher temperature is the final one from step 0 (no warm-up)", T_DINO_SWAV,
+        ("if step >= self.warmup_teacher_temperature_steps:", "if True:"),
+    ),
+    _method(
+        "dino/last-layer-never-frozen", "DINOModule", DINO,
+        "DINO: the last layer trains from the first step", T_DINO_SWAV,
+        ("if self.global_step < self.hparams.freeze_last_layer_steps:", "if False:"),
+    ),
+    _method(
+        "swav/crop-predicts-its-own-code", "SwAVModule", SELF_DISTILLATION,
+        "SwAV: a crop also predicts its own code (swapped prediction not swapped)", T_DINO_SWAV,
+        ("if v == i:  # a crop does not predict its own code", "if v == i and False:  # a crop does not predict its own code"),
+    ),
+    _method(
+        "simsiam/predictor-lr-decayed", "SimSiamModule", SIMSIAM,
+        "SimSiam: the predictor's lr follows the cosine schedule (paper: fixed)", (T_VICREG_SIMSIAM,),
+        ('{"params": groups["predictor"], "weight_decay": weight_decay, "fixed_lr": fixed}',
+         '{"params": groups["predictor"], "weight_decay": weight_decay, "fixed_lr": False}'),
+    ),
+    _method(
+        "vicreg/biased-variance", "VICRegModule", VICREG_LOSS,
+        "VICReg: the variance term uses the biased variance", (T_VICREG_SIMSIAM,),
+        ("std = torch.sqrt(z.var(dim=0) + self.eps)", "std = torch.sqrt(z.var(dim=0, unbiased=False) + self.eps)"),
     ),
 ]  # fmt: skip
 

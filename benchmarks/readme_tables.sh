@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduces the README's results tables (CPU, offline; about 80 minutes on 2 cores).
+# Reproduces the README's results tables (CPU, offline; about 100 minutes on 2 cores).
 # Each `ssl-modules bench` call measures its rows side by side in one run; the JSON records
 # (with split indices and seeds) land in benchmarks/results/.
 set -euo pipefail
@@ -23,26 +23,16 @@ $BENCH configs/supervised.yaml configs/recipes/supervised_all_labels.yaml \
 # SoftMatch), one bench command per label budget.
 bash benchmarks/semi_supervised_few_labels.sh
 
-# The self-supervised digits table (measured before the semi-supervised one was re-measured; none
-# of its rows depends on the supervised recipe or the FixMatch schedule): the random-init probe that
-# every self-supervised row must beat, and every self-supervised method.
-if [ "${WITH_SELF_SUPERVISED:-0}" = 1 ]; then
+# The self-supervised digits table: ONE bench command, every self-supervised method as a row, with
+# the random-init probes they must beat (linear_probe for the CNNs, linear_probe_vit_mini for MAE);
+# then every self-supervised method's training step against its limit.
 $BENCH configs/linear_probe.yaml configs/rotation.yaml configs/jigsaw.yaml configs/denoising_autoencoder.yaml \
     configs/simclr.yaml configs/moco.yaml configs/byol.yaml configs/barlow_twins.yaml \
-    configs/vicreg.yaml configs/simsiam.yaml \
+    configs/vicreg.yaml configs/simsiam.yaml configs/dino.yaml configs/swav.yaml \
+    configs/linear_probe_vit_mini.yaml configs/mae.yaml \
     --data configs/data/digits.yaml "${COMMON[@]}" --last-k 5 --val-every 20 --jobs 2 \
     --out benchmarks/results/digits_self_supervised.json
-fi
-
-# The self-supervised methods of the joint-embedding issue, with the random-init probes they must beat
-# (the ViT probe for MAE), and every self-supervised method's step against its limit
-if [ "${WITH_SELF_SUPERVISED_NEW:-0}" = 1 ]; then
-$BENCH configs/linear_probe.yaml configs/vicreg.yaml configs/simsiam.yaml configs/dino.yaml \
-    configs/swav.yaml configs/linear_probe_vit_mini.yaml configs/mae.yaml \
-    --data configs/data/digits.yaml "${COMMON[@]}" --last-k 5 --val-every 20 --jobs 2 \
-    --out benchmarks/results/digits_self_supervised_new.json
 .venv/bin/python benchmarks/self_supervised_throughput.py --out benchmarks/results
-fi
 
 # The supervised baseline against a plain PyTorch loop, per label budget and image size
 .venv/bin/python benchmarks/plain_loop.py --jobs 2

@@ -10,6 +10,7 @@ import warnings
 import lightning as L
 import pytest
 import torch
+from helpers import tiny_trainer
 from lightning.pytorch.loggers import CSVLogger
 
 from datamodules import SyntheticDataModule
@@ -48,21 +49,6 @@ def make_model(cls, data, **overrides):
     )
 
 
-def make_trainer(**overrides) -> L.Trainer:
-    settings = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-    settings.update(overrides)
-    return L.Trainer(**settings)
-
-
 @pytest.mark.parametrize("cls", [SimCLRModule, MoCoModule, BYOLModule, BarlowTwinsModule])
 def test_constructible_from_data_facts_with_paper_defaults(cls):
     model = cls(num_classes=10, channels=1, image_size=16, mean=(0.3,), std=(0.3,), horizontal_flip=False)
@@ -87,7 +73,7 @@ def test_simclr_with_extra_views_trains():
     L.seed_everything(0)
     data = make_data()
     model = make_model(SimCLRModule, data, num_views=3)
-    make_trainer(max_steps=2).fit(model, datamodule=data)
+    tiny_trainer(max_steps=2).fit(model, datamodule=data)
     assert model.global_step == 2
 
 
@@ -108,7 +94,7 @@ def test_moco_clamps_a_queue_longer_than_the_data_and_reloads(tmp_path):
     L.seed_everything(0)
     data = make_data()  # 32 training images, batch 8: 4 steps of 8 keys per epoch
     model = make_model(MoCoModule, data, queue_size=1000)
-    trainer = make_trainer(max_steps=2)
+    trainer = tiny_trainer(max_steps=2)
     with pytest.warns(UserWarning, match="clamping it to 16"):
         trainer.fit(model, datamodule=data)
     assert model.queue.shape == (16, 16) and model.hparams.queue_size == 16
@@ -121,7 +107,7 @@ def test_moco_clamps_a_queue_longer_than_the_data_and_reloads(tmp_path):
     resumed = make_model(MoCoModule, data, queue_size=1000)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        make_trainer(max_steps=3).fit(resumed, datamodule=data, ckpt_path=path)
+        tiny_trainer(max_steps=3).fit(resumed, datamodule=data, ckpt_path=path)
     assert not [w for w in caught if "clamping" in str(w.message)]  # no second clamp
     assert resumed.queue.shape == (16, 16)
 
@@ -140,7 +126,7 @@ def test_momentum_encoder_is_the_ema_of_the_online_network(cls):
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
             assert all(p.grad is None for p in target.parameters())  # stop-gradient
 
-    trainer = make_trainer(max_steps=1, callbacks=[Snapshot()])
+    trainer = tiny_trainer(max_steps=1, callbacks=[Snapshot()])
     trainer.fit(model, datamodule=data)
     # one step: target = m * target + (1 - m) * online(after the step), m = m(global_step) at update time
     total = trainer.estimated_stepping_batches
@@ -167,7 +153,7 @@ def test_logs_views_alignment_uniformity_and_tsne(tmp_path):
     data = make_data(val_size=8)
     model = make_model(SimCLRModule, data)
     logger = CSVLogger(tmp_path, name="run")
-    trainer = make_trainer(
+    trainer = tiny_trainer(
         max_epochs=1,
         logger=logger,
         limit_val_batches=None,

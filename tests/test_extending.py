@@ -15,6 +15,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_trainer
 
 import ssl_modules
 from datamodules import SyntheticDataModule
@@ -52,20 +53,8 @@ def _facts(data) -> dict:
     return {name: getattr(data, name) for name in GRAY}
 
 
-def _trainer(**kwargs) -> L.Trainer:
-    settings = dict(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
-    return L.Trainer(**{**settings, **kwargs})
-
-
 def _save(model, path: Path) -> Path:
-    trainer = _trainer()
+    trainer = tiny_trainer()
     trainer.strategy.connect(model)
     trainer.save_checkpoint(path)
     return path
@@ -114,7 +103,7 @@ def test_readme_multicrop_example_encodes_each_size_once_averages_every_pair_and
     torch.testing.assert_close(loss.detach(), expected + probe, rtol=1e-4, atol=1e-5)
     del model.make_views
     data = _data(image_size=16)
-    _trainer(max_steps=2).fit(model, datamodule=data)
+    tiny_trainer(max_steps=2).fit(model, datamodule=data)
     path = _save(model, tmp_path / "multicrop.ckpt")
     reloaded = MultiCropSimCLR.load_from_checkpoint(path)
     _assert_same_module(reloaded, model)
@@ -129,7 +118,7 @@ def test_readme_head_and_loss_example_trains_and_reloads(tmp_path):
     assert model.criterion.temperature == 0.2
     images = torch.rand(4, 1, 8, 8)
     assert model.projector(model.backbone(model.normalize(images))).shape == (4, 8)  # the new head
-    trainer = _trainer(max_steps=3)
+    trainer = tiny_trainer(max_steps=3)
     trainer.fit(model, datamodule=data)
     assert trainer.global_step == 3
     trainer.save_checkpoint(tmp_path / "head.ckpt")
@@ -166,7 +155,7 @@ def test_readme_pseudo_label_example_follows_its_rule_trains_and_reloads(tmp_pat
     )
     torch.testing.assert_close(model.training_step(batch, 0), expected, rtol=1e-4, atol=1e-5)
     model = SoftFixMatch(**_facts(data), ema_start=100, ema_decay=0.5)
-    trainer = _trainer(max_steps=3)
+    trainer = tiny_trainer(max_steps=3)
     trainer.fit(model, datamodule=data)
     assert trainer.global_step == 3
     # the teacher update: before ema_start the EMA is a copy of the live model
@@ -275,7 +264,7 @@ def test_per_step_reseeding_does_not_need_super_in_on_train_batch_start():
         data = _data()
         model = _DrawsInTrainingStep(**_facts(data), projection_hidden_dim=8, lars=False)
         torch.manual_seed(global_state)
-        _trainer(max_steps=3).fit(model, datamodule=data)
+        tiny_trainer(max_steps=3).fit(model, datamodule=data)
         draws.append(model.draws)
     assert len(draws[0]) == 3 and draws[0] == draws[1]
     assert len(set(draws[0])) == 3  # a new seed at every step, not one seed for the run

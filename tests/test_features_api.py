@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from helpers import tiny_trainer
 from torch import nn
 
 from datamodules import DigitsDataModule
@@ -48,18 +49,6 @@ def _data() -> DigitsDataModule:
 def _facts(data: DigitsDataModule) -> dict:
     names = ("num_classes", "channels", "image_size", "mean", "std", "horizontal_flip")
     return {name: getattr(data, name) for name in names}
-
-
-def _trainer(**kwargs) -> L.Trainer:
-    settings = dict(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
-    return L.Trainer(**{**settings, **kwargs})
 
 
 def _normalised(images: torch.Tensor, mean, std) -> torch.Tensor:
@@ -94,7 +83,7 @@ def fitted(tmp_path_factory) -> dict:
         L.seed_everything(0)
         data = _data()
         model = cls(**_facts(data), **settings)
-        trainer = _trainer(max_steps=12)
+        trainer = tiny_trainer(max_steps=12)
         trainer.fit(model, datamodule=data)
         path = folder / f"{name}.ckpt"
         trainer.save_checkpoint(path)
@@ -161,7 +150,7 @@ def test_embed_and_load_backbone_use_the_weights_the_method_evaluates_with(case,
         if "backbone" in name or name in ("ema_model", "teacher"):
             _perturbed(child, index)
     model.eval()
-    trainer = _trainer()
+    trainer = tiny_trainer()
     trainer.strategy.connect(model)
     path = tmp_path / "model.ckpt"
     trainer.save_checkpoint(path)
@@ -226,7 +215,7 @@ def test_export_writes_a_plain_state_dict_that_loads_into_the_named_backbone(fit
 def test_export_of_a_resnet18_loads_into_torchvision_resnet18(tmp_path):
     torch.manual_seed(0)
     model = FixMatchModule(**TINY, backbone="resnet18", evaluate_with_ema=False).eval()
-    trainer = _trainer()
+    trainer = tiny_trainer()
     trainer.strategy.connect(model)
     trainer.save_checkpoint(tmp_path / "r18.ckpt")
     out = tmp_path / "r18.pt"

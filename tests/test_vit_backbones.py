@@ -8,6 +8,7 @@ import lightning as L
 import pytest
 import timm
 import torch
+from helpers import tiny_trainer
 from torch import nn
 
 from datamodules import SyntheticDataModule
@@ -172,20 +173,6 @@ def _facts(data: SyntheticDataModule) -> dict:
     return {name: getattr(data, name) for name in names}
 
 
-def _trainer(**kwargs) -> L.Trainer:
-    settings = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-    return L.Trainer(**{**settings, **kwargs})
-
-
 class _GradientRecorder(L.Callback):
     def __init__(self) -> None:
         self.without_gradient: list[str] | None = None
@@ -215,7 +202,7 @@ def test_one_training_step_with_a_vit(case):
     assert isinstance(model.backbone, ViTBackbone) and model.backbone.patch_size == 4
     before = {name: p.detach().clone() for name, p in model.backbone.named_parameters()}
     recorder = _GradientRecorder()
-    _trainer(max_steps=1, callbacks=[recorder]).fit(model, datamodule=data)
+    tiny_trainer(max_steps=1, callbacks=[recorder]).fit(model, datamodule=data)
     assert recorder.without_gradient == []  # the class token, position embedding, every block
     moved = [name for name, p in model.backbone.named_parameters() if not torch.equal(p, before[name])]
     assert "cls_token" in moved and "pos_embed" in moved and "patch_embed.proj.weight" in moved
@@ -227,7 +214,7 @@ def test_vit_checkpoints_load_export_and_initialise_a_classifier(tmp_path):
     model = SupervisedModule(backbone="vit_mini", **_facts(data)).eval()
     with torch.no_grad():
         model.backbone.pos_embed.normal_()  # weights a fresh model does not have
-    trainer = _trainer()
+    trainer = tiny_trainer()
     trainer.strategy.connect(model)
     path = tmp_path / "vit.ckpt"
     trainer.save_checkpoint(path)

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssl_modules.augment.multicrop import MultiCropViews
 from ssl_modules.base import WarmupCosine, split_batch
 from ssl_modules.callbacks import log_image_grid
 from ssl_modules.ema import copy_frozen
@@ -171,27 +170,18 @@ class DINOModule(JointEmbeddingModule):
         super().__init__(lr=lr, weight_decay=weight_decay, **kwargs)
         if not 0 <= base_momentum <= 1:
             raise ValueError(f"base_momentum must be in [0, 1]; got {base_momentum}")
-        if num_global_crops < 1 or num_global_crops + num_local_crops < 2:
-            raise ValueError(
-                f"DINO needs num_global_crops >= 1 and at least 2 views in all; got {num_global_crops} global "
-                f"and {num_local_crops} local crops"
-            )
         if freeze_last_layer_steps < 0:
             raise ValueError(f"freeze_last_layer_steps must be >= 0; got {freeze_last_layer_steps}")
         if not 0.0 <= warmup_fraction < 1.0:
             raise ValueError(f"warmup_fraction must be in [0, 1); got {warmup_fraction}")
         if weight_decay < 0 or weight_decay_end < 0:
             raise ValueError(f"weight decays must be >= 0; got {weight_decay} and {weight_decay_end}")
-        self.num_global_crops = num_global_crops
-        self.multicrop = MultiCropViews(
-            self.channels,
-            self.image_size,
+        self.use_multicrop(
             num_global_crops=num_global_crops,
             num_local_crops=num_local_crops,
             local_size=local_size,
             global_crop_scale=global_crop_scale,
             local_crop_scale=local_crop_scale,
-            horizontal_flip=self.horizontal_flip,
         )
         self.head = DINOHead(
             self.backbone.num_features,
@@ -213,10 +203,6 @@ class DINOModule(JointEmbeddingModule):
         )
 
     # -- the method's parts ---------------------------------------------------------------
-    def make_views(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """The global crops, then the local crops (``MultiCropViews``)."""
-        return self.multicrop(images)
-
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.backbone, self.teacher_backbone), (self.head, self.teacher_head)]
 

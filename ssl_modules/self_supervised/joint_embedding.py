@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from ssl_modules.augment.multicrop import indices_by_size
+from ssl_modules.augment.multicrop import MultiCropViews, indices_by_size
 from ssl_modules.augment.views import make_views
 from ssl_modules.base import split_batch
 from ssl_modules.callbacks.embeddings import log_alignment_uniformity, log_views
@@ -83,13 +83,41 @@ class JointEmbeddingModule(SelfSupervisedModule):
 
     # -- the method's parts (hooks) -------------------------------------------------------
     def make_views(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """The views of a batch: ``num_views`` independent draws of ``self.augment``, in [0, 1].
+        """The views of a batch: ``num_views`` independent draws of ``self.augment``, in [0, 1];
+        after ``use_multicrop``, the global crops followed by the smaller local crops.
 
-        Override to return any list of views, e.g. a multi-crop module's global crops followed
-        by its smaller local crops (each view a tensor of one size; sizes may differ).
-        Shape: (batch_size, C, H, W) -> list of (batch_size, C, H_v, W_v).
+        Override to return any other list of views (each view a tensor of one size; sizes may
+        differ). Shape: (batch_size, C, H, W) -> list of (batch_size, C, H_v, W_v).
         """
+        multicrop = getattr(self, "multicrop", None)
+        if multicrop is not None:
+            return multicrop(images)
         return make_views(images, self.augment, self.num_views)  # independent parameters per image and view
+
+    def use_multicrop(self, *, num_global_crops: int = 2, num_local_crops: int = 6, **crop_args: Any) -> None:
+        """Make the views multi-crop (``MultiCropViews``): ``num_global_crops`` crops at
+        ``image_size``, then ``num_local_crops`` smaller ones; sets ``self.multicrop`` and
+        ``self.num_global_crops`` (the global crops are ``views[: self.num_global_crops]``).
+        Call it in ``__init__`` (DINO and SwAV do; any joint-embedding method can).
+
+        Args:
+            crop_args: the other arguments of ``MultiCropViews`` (``local_size``,
+                ``global_crop_scale``, ``local_crop_scale``, ...); the flip follows the module's.
+        """
+        if num_global_crops < 1 or num_global_crops + num_local_crops < 2:
+            raise ValueError(
+                f"{type(self).__name__} needs num_global_crops >= 1 and at least 2 views in all; got "
+                f"{num_global_crops} global and {num_local_crops} local crops"
+            )
+        self.num_global_crops = num_global_crops
+        self.multicrop = MultiCropViews(
+            self.channels,
+            self.image_size,
+            num_global_crops=num_global_crops,
+            num_local_crops=num_local_crops,
+            horizontal_flip=self.horizontal_flip,
+            **crop_args,
+        )
 
     def view_groups(self, views: list[torch.Tensor]) -> list[list[int]]:
         """Which views the online backbone encodes, and which together in one call.

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from ssl_modules import dist
-from ssl_modules.augment.multicrop import MultiCropViews
 from ssl_modules.base import WarmupCosine
 from ssl_modules.callbacks import log_image_grid
 from ssl_modules.heads import projection_head, prototypes
@@ -120,11 +119,6 @@ class SwAVModule(JointEmbeddingModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(lr=lr, weight_decay=weight_decay, **kwargs)
-        if num_global_crops < 1 or num_global_crops + num_local_crops < 2:
-            raise ValueError(
-                f"SwAV needs num_global_crops >= 1 and at least 2 views in all; got {num_global_crops} global "
-                f"and {num_local_crops} local crops"
-            )
         if freeze_prototypes_steps < 0:
             raise ValueError(f"freeze_prototypes_steps must be >= 0; got {freeze_prototypes_steps}")
         if queue_length < 0 or queue_start_step < 0:
@@ -132,16 +126,12 @@ class SwAVModule(JointEmbeddingModule):
                 f"queue_length and queue_start_step must be >= 0 (queue_length=0: no queue); got "
                 f"{queue_length} and {queue_start_step}"
             )
-        self.num_global_crops = num_global_crops
-        self.multicrop = MultiCropViews(
-            self.channels,
-            self.image_size,
+        self.use_multicrop(
             num_global_crops=num_global_crops,
             num_local_crops=num_local_crops,
             local_size=local_size,
             global_crop_scale=global_crop_scale,
             local_crop_scale=local_crop_scale,
-            horizontal_flip=self.horizontal_flip,
         )
         self.projector = projection_head(self.backbone.num_features, projection_hidden_dim, projection_dim)
         self.prototypes = prototypes(projection_dim, num_prototypes)
@@ -154,10 +144,6 @@ class SwAVModule(JointEmbeddingModule):
         self._log_usage = False
 
     # -- the method's parts ---------------------------------------------------------------
-    def make_views(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """The global crops, then the local crops (``MultiCropViews``)."""
-        return self.multicrop(images)
-
     def joint_embedding_loss(
         self, views: list[torch.Tensor], features: list[torch.Tensor | None]
     ) -> JointEmbeddingLoss:
